@@ -1,0 +1,3 @@
+from fusedisk.cli import main
+
+raise SystemExit(main())

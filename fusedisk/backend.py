@@ -1,0 +1,165 @@
+"""The files behind the mount: a small interface the engine needs, and its POSIX implementation.
+
+The engine calls these methods inline from FUSE handlers (no thread hand-off: a page-cache hit
+costs microseconds, a ``trio.to_thread`` round trip ~110 µs, see docs/design.md), so each method
+is a plain blocking call.  Only slow, bulk operations (``fsync``, ``copy_range``) are sent to
+threads by the engine.  All I/O is positional; a short transfer is retried, then reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Protocol
+
+# Granularity of sync tracking and of hole detection.
+PAGE = 4096
+
+
+class ImageFile(Protocol):
+    """One open image file.  Implementations: :class:`PosixFile`, and in-memory fakes in tests."""
+
+    path: str
+
+    def pread(self, size: int, offset: int) -> bytes: ...
+
+    def pwrite(self, data: bytes, offset: int) -> None: ...
+
+    def size(self) -> int: ...
+
+    def stat(self) -> os.stat_result: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def fsync(self, datasync: bool) -> None: ...
+
+    def next_data(self, offset: int) -> int:
+        """First offset >= ``offset`` holding data (SEEK_DATA); the size if there is none."""
+        ...
+
+    def next_hole(self, offset: int) -> int:
+        """First offset >= ``offset`` in a hole (SEEK_HOLE); the size counts as a hole."""
+        ...
+
+    def copy_to(self, dst: ImageFile, offset: int, length: int) -> int:
+        """Copy [offset, offset+length) to the same offset of ``dst``; return bytes copied
+        (fewer only where this file ends).  Blocking: the engine runs it in a thread."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PosixFile:
+    """An image file on a local filesystem, used through one descriptor with positional I/O."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path: str) -> PosixFile:
+        return cls(path, os.open(path, os.O_RDWR | os.O_CLOEXEC))
+
+    @classmethod
+    def create_exclusive(cls, path: str, size: int, mode: int) -> PosixFile:
+        """Create a new file (never through a symlink, never over an existing file), sparse."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)  # the umask must not narrow the image's permissions
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return cls(path, fd)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        data = os.pread(self.fd, size, offset)
+        if len(data) == size:
+            return data
+        # A short read is legal only at the end of the file; retry until EOF or full.
+        parts = [data]
+        got = len(data)
+        while got < size:
+            more = os.pread(self.fd, size - got, offset + got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        done = os.pwrite(self.fd, data, offset)
+        while done < len(data):
+            n = os.pwrite(self.fd, memoryview(data)[done:], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, f"short write at offset {offset + done}", self.path)
+            done += n
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def fsync(self, datasync: bool) -> None:
+        if datasync:
+            os.fdatasync(self.fd)
+        else:
+            os.fsync(self.fd)
+
+    def next_data(self, offset: int) -> int:
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after offset
+                return max(offset, self.size())
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA: all is data
+                return offset
+            raise
+
+    def next_hole(self, offset: int) -> int:
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno in (errno.ENXIO, errno.EINVAL, errno.EOPNOTSUPP):
+                return max(offset, self.size())
+            raise
+
+    def copy_to(self, dst: ImageFile, offset: int, length: int) -> int:
+        if isinstance(dst, PosixFile):
+            try:
+                return _copy_file_range(self.fd, dst.fd, offset, length)
+            except OSError as e:
+                # Across filesystems on some kernels, or a filesystem without support.
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+        data = self.pread(length, offset)
+        dst.pwrite(data, offset)
+        return len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _copy_file_range(src: int, dst: int, offset: int, length: int) -> int:
+    """In-kernel copy: no bytes pass through Python, and reflink-capable filesystems share."""
+    done = 0
+    while done < length:
+        n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
+        if n == 0:  # end of the source
+            break
+        done += n
+    return done
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory entry change (create, rename, unlink) in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

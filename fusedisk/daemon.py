@@ -1,0 +1,185 @@
+"""The mount daemon: one trio nursery owning the FUSE loop, the control server and any move.
+
+Start-up order matters for the user: every check runs, and any unfinished move found in the
+journal is settled, before anything is mounted; the parent ``fusedisk mount`` hears "ready" only
+once the mount serves requests.  Shutdown (unmount, SIGTERM, Ctrl-C) fails back a running move,
+flushes the image and closes it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+import trio
+
+from fusedisk import checks
+from fusedisk.backend import PosixFile
+from fusedisk.control import runtime_dir, serve_control
+from fusedisk.engine import Disk
+from fusedisk.errors import MoveRefused, UsageError
+from fusedisk.fs import DiskOperations
+from fusedisk.storage import PosixStorage, journal_path, read_journal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    image: str  # absolute
+    mountpoint: str  # absolute
+    name: str
+    allow_other: bool = False
+
+
+def runtime_name(mountpoint: str) -> str:
+    """A stable name for the files of the daemon serving ``mountpoint``."""
+    return "mnt-" + hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+
+
+def recover(image: str) -> tuple[str, str | None]:
+    """Settle a move the journal beside ``image`` says was unfinished (a crash or a kill).
+
+    Returns the image to serve and a line saying what was found and done (None if nothing).
+    Before the switch was recorded the source is the truth: the partial destination is removed
+    (the move is not resumed; run it again).  After, the destination is the truth: it is served
+    and the source is deleted, as the move would have done.
+    """
+    record = read_journal(image)
+    if record is None:
+        return image, None
+    source, dest = str(record["source"]), str(record["destination"])
+    storage = PosixStorage()
+    if record["phase"] == "switched":
+        if not os.path.exists(dest):
+            raise UsageError(
+                message=f"the journal {journal_path(image)} says the disk moved to {dest}, "
+                "but that file is missing; nothing was changed"
+            )
+        if os.path.exists(source) and not record.get("keep_source", False):
+            storage.remove(source)
+        storage.clear_journal(source)
+        return dest, f"found a finished move of {source} to {dest}: serving {dest}"
+    if os.path.exists(dest):
+        storage.remove(dest)
+    storage.clear_journal(source)
+    return source, (
+        f"found an unfinished move of {source} to {dest}: removed the partial destination, "
+        f"serving {source}"
+    )
+
+
+def open_locked(image: str) -> PosixFile:
+    """Open the image, taking an exclusive flock so no second fusedisk serves it."""
+    file = PosixFile.open(image)
+    try:
+        fcntl.flock(file.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise UsageError(message=f"image {image} is already served by another fusedisk") from None
+    return file
+
+
+class Daemon:
+    def __init__(self, config: MountConfig, disk: Disk, control_path: str) -> None:
+        self.config = config
+        self.disk = disk
+        self.control_path = control_path
+
+    def facts(self) -> dict[str, Any]:
+        status = self.disk.status()
+        status.update(
+            pid=os.getpid(),
+            mountpoint=self.config.mountpoint,
+            name=self.config.name,
+            control=self.control_path,
+        )
+        return status
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("command")
+        move = self.disk.move
+        if command == "status":
+            pass
+        elif command == "migrate":
+            dest = str(request["destination"])
+            source = self.disk.primary.path
+            if move is not None and move.active:
+                raise MoveRefused(
+                    dest=dest, source=source, reason=f"a move is already {move.phase.value}"
+                )
+            await trio.to_thread.run_sync(
+                lambda: checks.check_destination(
+                    source, dest, self.config.mountpoint, force=bool(request.get("force"))
+                )
+            )
+            await self.disk.start_move(
+                dest,
+                rate_limit=int(request.get("rate_limit") or 0),
+                keep_source=bool(request.get("keep_source")),
+                verify=bool(request.get("verify")),
+            )
+        elif command == "cancel":
+            if move is None or not move.active:
+                raise UsageError(message="no move is running")
+            move.cancel()
+            await move.finished_event.wait()
+        elif command == "rate":
+            if move is None or not move.active:
+                raise UsageError(message="no move is running")
+            move.set_rate_limit(int(request["rate_limit"]))
+        else:
+            raise UsageError(message=f"unknown command {command!r}")
+        return self.facts()
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
+    """Check, recover, mount and serve until unmounted; ``ready`` gets a line for the user."""
+    checks.check_fuse_available()
+    checks.check_mountpoint(config.mountpoint)
+    if not os.path.exists(config.image) and not os.path.exists(journal_path(config.image)):
+        checks.check_image(config.image)
+    image_path, found = recover(config.image)
+    checks.check_image(image_path)
+    image = open_locked(image_path)
+    control_path = os.path.join(runtime_dir(), runtime_name(config.mountpoint) + ".sock")
+    disk: Disk | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            disk = Disk(image, PosixStorage(), nursery)
+            daemon = Daemon(config, disk, control_path)
+            await nursery.start(serve_control, control_path, daemon.handle)
+            ops = DiskOperations(disk, config.name, daemon.facts)
+            options = set(pyfuse3.default_options) | {"fsname=fusedisk", "subtype=fusedisk"}
+            if config.allow_other:
+                options.add("allow_other")
+            pyfuse3.init(ops, config.mountpoint, options)
+            try:
+                nursery.start_soon(_stop_on_signals)
+                log.info("serving %s at %s/%s", image_path, config.mountpoint, config.name)
+                ready(found or "")
+                await pyfuse3.main()
+            finally:
+                pyfuse3.close(unmount=True)
+            log.info("unmounted %s", config.mountpoint)
+            nursery.cancel_scope.cancel()  # fails back a running move, stops the control server
+    finally:
+        current = disk.primary if disk is not None else image
+        current.fsync(False)
+        current.close()
+        log.info("flushed and closed %s", current.path)

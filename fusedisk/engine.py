@@ -1,0 +1,222 @@
+"""The disk engine: serves one image and mirrors writes during a move.  It knows nothing of FUSE.
+
+Concurrency contract (relied on, not hoped for): trio runs one task at a time and switches only
+at checkpoints.  ``read``, ``write`` and ``truncate`` do their file I/O inline, with no checkpoint
+between writing the source, writing the destination and marking the sync map.  So a guest write is
+one indivisible step with respect to every other task: the copier can only interleave with it
+through its thread-side copy, and :class:`~fusedisk.syncmap.RangeLocks` keeps those apart.  The
+only awaits on the I/O path are (a) the I/O gate, closed only while a switch or fail-back holds
+I/O, (b) waiting for a range the copier holds, and (c) fsync, which runs in threads.
+
+``_inflight`` counts operations between ``_enter`` and ``_leave``: holding I/O waits for it to
+reach zero, so no operation still uses a file that a switch or fail-back is about to replace.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from fusedisk.backend import ImageFile
+from fusedisk.errors import MoveRefused
+from fusedisk.storage import Storage
+from fusedisk.syncmap import RangeLocks, SyncMap
+
+if TYPE_CHECKING:
+    from fusedisk.move import Move
+
+log = logging.getLogger(__name__)
+
+# A held switch waits at most this long for in-flight I/O (a stuck fsync) before it fails back.
+DRAIN_TIMEOUT = 10.0
+
+
+class Disk:
+    def __init__(self, image: ImageFile, storage: Storage, nursery: trio.Nursery) -> None:
+        self.primary = image  # authoritative: every read comes from here
+        self.mirror: ImageFile | None = None  # the move's destination while mirroring
+        self.syncmap: SyncMap | None = None
+        self.locks = RangeLocks()
+        self.storage = storage
+        self.move: Move | None = None  # the current or last move
+        self._nursery = nursery
+        self._resume: trio.Event | None = None  # set while I/O is held
+        self._inflight = 0
+        self._drained: trio.Event | None = None
+
+    # ---- the I/O gate -------------------------------------------------------------------
+
+    async def _enter(self) -> None:
+        while self._resume is not None:
+            await self._resume.wait()
+        self._inflight += 1
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._drained is not None:
+            self._drained.set()
+
+    @asynccontextmanager
+    async def held_io(self, drain_timeout: float = math.inf) -> AsyncIterator[None]:
+        """Hold new I/O and wait for in-flight I/O to finish; resume I/O on exit."""
+        assert self._resume is None, "I/O is held by one owner at a time"
+        self._resume = trio.Event()
+        try:
+            with trio.fail_after(drain_timeout):
+                while self._inflight:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
+            self._drained = None
+            yield
+        finally:
+            self._drained = None
+            resume, self._resume = self._resume, None
+            resume.set()
+
+    # ---- guest I/O ----------------------------------------------------------------------
+
+    async def read(self, offset: int, size: int) -> bytes:
+        await self._enter()
+        try:
+            return self.primary.pread(size, offset)
+        finally:
+            self._leave()
+
+    async def write(self, offset: int, data: bytes) -> int:
+        await self._enter()
+        try:
+            if self.mirror is not None:
+                await self.locks.wait_unlocked(offset, offset + len(data))
+            self._write_both(offset, data)  # no checkpoint from here on
+        finally:
+            self._leave()
+        return len(data)
+
+    def _write_both(self, offset: int, data: bytes) -> None:
+        mirror, syncmap = self.mirror, self.syncmap
+        try:
+            self.primary.pwrite(data, offset)
+        except OSError as e:
+            if mirror is not None:
+                self._mirror_failed(f"source write at offset {offset} failed: {e}")
+            raise
+        if mirror is None or syncmap is None:
+            return
+        try:
+            mirror.pwrite(data, offset)
+        except OSError as e:
+            # The write is on the source, which stays authoritative: the guest sees success.
+            self._mirror_failed(f"destination write at offset {offset} failed: {e}")
+            return
+        syncmap.mark_written(offset, offset + len(data))
+        assert self.move is not None
+        self.move.mirrored_bytes += len(data)
+
+    async def truncate(self, size: int) -> None:
+        await self._enter()
+        try:
+            if self.mirror is not None:
+                # A shrink must not race the copier writing old bytes past the new end.
+                await self.locks.wait_unlocked(min(size, self.primary.size()), math.inf)
+            mirror, syncmap = self.mirror, self.syncmap
+            try:
+                self.primary.truncate(size)
+            except OSError as e:
+                if mirror is not None:
+                    self._mirror_failed(f"source truncate to {size} failed: {e}")
+                raise
+            if mirror is None or syncmap is None:
+                return
+            try:
+                mirror.truncate(size)
+            except OSError as e:
+                self._mirror_failed(f"destination truncate to {size} failed: {e}")
+                return
+            syncmap.resize(size)
+        finally:
+            self._leave()
+
+    async def flush(self, datasync: bool = False) -> None:
+        """Return once every acknowledged write is durable on the source and, while mirroring,
+        on the destination too (DESIGN.md, "Flush means both")."""
+        await self._enter()
+        try:
+            primary, mirror = self.primary, self.mirror
+            primary_error: OSError | None = None
+            async with trio.open_nursery() as nursery:
+                if mirror is not None:
+                    nursery.start_soon(self._flush_mirror, mirror, datasync)
+                try:
+                    await trio.to_thread.run_sync(primary.fsync, datasync)
+                except OSError as e:  # raised outside the nursery, so not in an ExceptionGroup
+                    primary_error = e
+            if primary_error is not None:
+                if mirror is not None and self.mirror is mirror:
+                    self._mirror_failed(f"source flush failed: {primary_error}")
+                raise primary_error
+        finally:
+            self._leave()
+
+    async def _flush_mirror(self, mirror: ImageFile, datasync: bool) -> None:
+        try:
+            await trio.to_thread.run_sync(mirror.fsync, datasync)
+        except OSError as e:
+            if self.mirror is mirror:
+                self._mirror_failed(f"destination flush failed: {e}")
+
+    def size(self) -> int:
+        return self.primary.size()
+
+    # ---- moves --------------------------------------------------------------------------
+
+    def _mirror_failed(self, reason: str) -> None:
+        """Stop mirroring at once (no later write touches the destination) and have the move's
+        task fail back.  Called from synchronous code: it must not await."""
+        log.warning("move fails back: %s", reason)
+        self.mirror = None
+        if self.move is not None:
+            self.move.fail(reason)
+
+    async def start_move(
+        self, dest: str, *, rate_limit: int = 0, keep_source: bool = False, verify: bool = False
+    ) -> Move:
+        """Create ``dest``, start mirroring, and start the copier; return once mirroring is on."""
+        from fusedisk.move import Move, run_move
+
+        source = self.primary.path
+        if self.move is not None and self.move.active:
+            raise MoveRefused(
+                dest=dest, source=source, reason=f"a move is already {self.move.phase.value}"
+            )
+        dest_file = await trio.to_thread.run_sync(
+            self.storage.create, dest, self.primary.size(), self.primary
+        )
+        move = Move(source, dest, rate_limit=rate_limit, keep_source=keep_source, verify=verify)
+        try:
+            record = {"phase": "mirroring", "source": source, "destination": dest}
+            await trio.to_thread.run_sync(self.storage.write_journal, source, record)
+        except BaseException:
+            dest_file.close()
+            self.storage.remove(dest)
+            raise
+        # From here to the end, no checkpoint: no guest write can fall between taking the size
+        # and turning mirroring on.
+        size = self.primary.size()
+        dest_file.truncate(size)
+        self.mirror, self.syncmap, self.move = dest_file, SyncMap(size), move
+        move.begin(dest_file)
+        self._nursery.start_soon(run_move, self, move)
+        return move
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"image": self.primary.path, "size": self.primary.size()}
+        if self.move is None:
+            status.update(phase="idle", source=None, destination=None, error=None)
+        else:
+            status.update(self.move.status(total=status["size"]))
+        return status

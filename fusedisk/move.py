@@ -1,0 +1,304 @@
+"""A live move: the phases, the single copy pass, verify, the switch and the fail-back.
+
+The steps follow DESIGN.md: mirroring is turned on by :meth:`Disk.start_move`; then this task
+copies in one pass what is not in sync, optionally verifies, holds I/O for the switch, records it
+durably, resumes on the destination alone and deletes the source.  Any error before the switch is
+recorded fails back: mirroring stops, the partial destination is removed, the source keeps
+serving.  After the switch is recorded there is no way back (the source may already be gone).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+import xxhash
+
+from fusedisk.backend import PAGE, ImageFile
+from fusedisk.errors import StateError, VerifyMismatch
+
+if TYPE_CHECKING:
+    from fusedisk.engine import Disk
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # the copier's unit: one range held, one thread hand-off
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # no move has run since the mount
+    MIRRORING = "mirroring"  # writes go to both files; the copy pass (and verify) runs
+    SWITCHING = "switching"  # holding I/O, recording the switch, then deleting the source
+    DONE = "done"  # the mount runs on the destination alone
+    FAILED = "failed"  # failed back: the source serves, the destination was removed
+    CANCELLED = "cancelled"  # cancelled by the user, then as FAILED
+
+
+_NEXT: dict[Phase, set[Phase]] = {
+    Phase.IDLE: {Phase.MIRRORING},
+    Phase.MIRRORING: {Phase.SWITCHING, Phase.FAILED, Phase.CANCELLED},
+    Phase.SWITCHING: {Phase.DONE, Phase.FAILED, Phase.CANCELLED},
+    Phase.DONE: set(),
+    Phase.FAILED: set(),
+    Phase.CANCELLED: set(),
+}
+
+
+class Move:
+    """One move's state and counters.  Counters are plain ints updated from the event loop."""
+
+    def __init__(
+        self, source: str, dest: str, *, rate_limit: int, keep_source: bool, verify: bool
+    ) -> None:
+        self.source, self.dest = source, dest
+        self.keep_source, self.verify = keep_source, verify
+        self.phase = Phase.IDLE
+        self.step = "starting"
+        self.error: str | None = None
+        self.switched = False  # the switch record is durable: no failing back from here
+        self.dest_file: ImageFile | None = None
+        self.cursor = 0  # the pass has dealt with every byte below this offset
+        self.copied_bytes = 0
+        self.mirrored_bytes = 0
+        self.synced_by_writes_bytes = 0
+        self.hole_bytes = 0
+        self.verified_bytes = 0
+        self.switch_pause_ms: float | None = None
+        self.started = time.time()
+        self.finished: float | None = None
+        self.cancel_scope = trio.CancelScope()
+        self.finished_event = trio.Event()
+        self._cancelled_by_user = False
+        self._rate_limit = rate_limit
+        self._rate_changed = trio.Event()
+        self._next_slot = 0.0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, copied_bytes) samples
+
+    @property
+    def active(self) -> bool:
+        return self.phase in (Phase.MIRRORING, Phase.SWITCHING)
+
+    def set_phase(self, phase: Phase) -> None:
+        if phase not in _NEXT[self.phase]:
+            raise StateError(current=self.phase.value, wanted=phase.value)
+        log.info("move %s -> %s: %s", self.source, self.dest, phase.value)
+        self.phase = phase
+        if not self.active:
+            self.finished = time.time()
+            self.finished_event.set()
+
+    def begin(self, dest_file: ImageFile) -> None:
+        self.dest_file = dest_file
+        self.set_phase(Phase.MIRRORING)
+
+    def fail(self, reason: str) -> None:
+        """Ask for a fail-back (from any task, synchronously).  Too late once switched."""
+        if self.switched or not self.active:
+            return
+        self.error = self.error or reason
+        self.cancel_scope.cancel()
+
+    def cancel(self) -> None:
+        if self.switched or not self.active:
+            return
+        self._cancelled_by_user = True
+        self.fail("cancelled by the user")
+
+    # ---- rate limit ---------------------------------------------------------------------
+
+    @property
+    def rate_limit(self) -> int:
+        return self._rate_limit
+
+    def set_rate_limit(self, rate: int) -> None:
+        self._rate_limit = rate
+        self._next_slot = 0.0
+        self._rate_changed.set()
+        self._rate_changed = trio.Event()
+
+    async def _throttle(self, nbytes: int) -> None:
+        """Sleep so that copying averages at most the rate limit (0: unlimited)."""
+        now = trio.current_time()
+        self._recent.append((now, self.copied_bytes))
+        while self._recent and self._recent[0][0] < now - 2.0:
+            self._recent.popleft()
+        if not self._rate_limit:
+            await trio.lowlevel.checkpoint()
+            return
+        self._next_slot = max(self._next_slot, now) + nbytes / self._rate_limit
+        with trio.move_on_at(self._next_slot):
+            await self._rate_changed.wait()
+
+    def recent_rate(self) -> float:
+        """Bytes per second the copier moved over the last two seconds."""
+        if len(self._recent) < 2 or not self.active:
+            return 0.0
+        (t0, b0), (t1, b1) = self._recent[0], self._recent[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def status(self, total: int) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "step": self.step,
+            "source": self.source,
+            "destination": self.dest,
+            "progress_bytes": min(self.cursor, total),
+            "total_bytes": total,
+            "copied_bytes": self.copied_bytes,
+            "mirrored_bytes": self.mirrored_bytes,
+            "synced_by_writes_bytes": self.synced_by_writes_bytes,
+            "hole_bytes": self.hole_bytes,
+            "verified_bytes": self.verified_bytes,
+            "rate_limit": self._rate_limit,
+            "rate": round(self.recent_rate()),
+            "switch_pause_ms": self.switch_pause_ms,
+            "keep_source": self.keep_source,
+            "verify": self.verify,
+            "started": self.started,
+            "finished": self.finished,
+            "error": self.error,
+        }
+
+
+async def run_move(disk: Disk, move: Move) -> None:
+    """The move's background task, owned by the disk's nursery."""
+    try:
+        with move.cancel_scope:
+            await _copy_pass(disk, move)
+            if move.verify:
+                await _verify(disk, move)
+            await _switch(disk, move)
+    except (OSError, trio.TooSlowError, VerifyMismatch) as e:
+        move.error = move.error or f"{move.step}: {e}"
+    except Exception as e:  # a bug: still fail back rather than leave the disk half-moved
+        log.exception("move task crashed")
+        move.error = move.error or f"{move.step}: internal error {e!r}"
+    finally:
+        with trio.CancelScope(shield=True):
+            if move.switched:
+                await _finish(disk, move)
+            elif move.active:
+                move.error = move.error or "the daemon stopped before the move finished"
+                await _fail_back(disk, move)
+
+
+async def _copy_pass(disk: Disk, move: Move) -> None:
+    """Copy, in one pass from start to end, every page that is data on the source and not in sync.
+
+    Each chunk is examined and held in one synchronous step (no checkpoint between finding the
+    extents, reading the sync map and holding the range), so a write either lands before (and the
+    map shows it) or waits until the chunk is copied (and is mirrored over the copy).
+    """
+    move.step = "copying"
+    source, dest, syncmap = disk.primary, move.dest_file, disk.syncmap
+    assert dest is not None and syncmap is not None
+    while True:
+        size = source.size()  # again each time: the guest may grow or shrink the disk
+        cursor = move.cursor
+        if cursor >= size:
+            return
+        data = min(source.next_data(cursor) // PAGE * PAGE, size)
+        if data > cursor:
+            move.hole_bytes += data - cursor
+            move.cursor = data
+            continue
+        end = min(source.next_hole(cursor), cursor + CHUNK, size)
+        end = max(min(-(-end // PAGE) * PAGE, size), min(cursor + PAGE, size))
+        with disk.locks.hold(cursor, end):
+            runs = syncmap.unsynced_runs(cursor, end)
+            move.synced_by_writes_bytes += (end - cursor) - sum(b - a for a, b in runs)
+            for a, b in runs:
+                move.copied_bytes += await trio.to_thread.run_sync(source.copy_to, dest, a, b - a)
+            syncmap.mark_synced(cursor, end)
+        move.cursor = end
+        await move._throttle(end - cursor)
+
+
+def _digest(image: ImageFile, offset: int, length: int) -> bytes:
+    return xxhash.xxh3_128_digest(image.pread(length, offset))
+
+
+async def _verify(disk: Disk, move: Move) -> None:
+    """Compare both files chunk by chunk (xxh3_128) while the guest keeps writing."""
+    move.step = "verifying"
+    source, dest = disk.primary, move.dest_file
+    assert dest is not None
+    offset = 0
+    while offset < (size := source.size()):
+        end = min(offset + CHUNK, size)
+        with disk.locks.hold(offset, end):
+            a = await trio.to_thread.run_sync(_digest, source, offset, end - offset)
+            b = await trio.to_thread.run_sync(_digest, dest, offset, end - offset)
+        if a != b:
+            raise VerifyMismatch(
+                source=move.source, dest=move.dest, offset=offset, length=end - offset
+            )
+        move.verified_bytes = end
+        offset = end
+    if source.size() != dest.size():
+        raise VerifyMismatch(source=move.source, dest=move.dest, offset=size, length=0)
+
+
+async def _switch(disk: Disk, move: Move) -> None:
+    """Hold I/O, flush the destination, record the switch durably, resume on the destination."""
+    from fusedisk.engine import DRAIN_TIMEOUT
+
+    dest = move.dest_file
+    assert dest is not None
+    move.set_phase(Phase.SWITCHING)
+    move.step = "flushing destination"
+    # The bulk of the flush happens here, with I/O still flowing, so the held time stays short.
+    await trio.to_thread.run_sync(dest.fsync, False)
+    move.step = "holding I/O"
+    record = {"phase": "switched", "source": move.source, "destination": move.dest}
+    async with disk.held_io(drain_timeout=DRAIN_TIMEOUT):
+        held = time.perf_counter()
+        if move.error is not None:  # a mirrored write failed just before the hold
+            return
+        dest.fsync(True)  # inline: I/O is held anyway; only writes since the flush above
+        disk.storage.write_journal(move.source, record)
+        old = disk.primary
+        disk.primary, disk.mirror, disk.syncmap = dest, None, None
+        move.switched = True
+        move.switch_pause_ms = round((time.perf_counter() - held) * 1000, 3)
+    log.info("switched to %s after a %.3f ms pause", move.dest, move.switch_pause_ms)
+    move.dest_file = old  # from here on, the file to close and delete is the old source
+
+
+async def _finish(disk: Disk, move: Move) -> None:
+    """After the switch: close and delete the source, drop the journal, report done."""
+    move.step = "deleting source" if not move.keep_source else "closing source"
+    try:
+        if move.dest_file is not None:
+            move.dest_file.close()
+        if not move.keep_source:
+            await trio.to_thread.run_sync(disk.storage.remove, move.source)
+        await trio.to_thread.run_sync(disk.storage.clear_journal, move.source)
+    except OSError as e:
+        # The VM runs on the destination; a leftover source is garbage, not a risk.
+        move.error = f"switched, but cleaning up {move.source} failed: {e}"
+        log.error("%s", move.error)
+    move.step = "done"
+    move.set_phase(Phase.DONE)
+
+
+async def _fail_back(disk: Disk, move: Move) -> None:
+    """Stop mirroring, remove the partial destination: the source goes on serving, untouched."""
+    move.step = "failing back"
+    async with disk.held_io():
+        disk.mirror, disk.syncmap = None, None
+    if move.dest_file is not None:
+        move.dest_file.close()
+    try:
+        await trio.to_thread.run_sync(disk.storage.remove, move.dest)
+        await trio.to_thread.run_sync(disk.storage.clear_journal, move.source)
+    except OSError as e:
+        log.error("fail-back could not remove %s: %s", move.dest, e)
+        move.error = f"{move.error}; the partial destination could not be removed: {e}"
+    move.step = "failed back"
+    move.set_phase(Phase.CANCELLED if move._cancelled_by_user else Phase.FAILED)
+    log.warning("move to %s failed back: %s", move.dest, move.error)

@@ -1,0 +1,491 @@
+#!/usr/bin/env python3
+"""Build a tiny Linux guest from Debian packages and run fio in it under QEMU.
+
+    guest.py build [--cache DIR]
+    guest.py run --disk PATH [--format raw] [--accel tcg] --fio-args "..."
+
+The guest is a Debian cloud kernel plus an initramfs holding busybox, the
+host's fio and its libraries, and an init script that runs one fio job against
+/dev/vda and prints fio's JSON on the serial console between marker lines.
+The job (fio arguments, optional job file) travels in a small gzip'ed cpio
+appended to the cached initrd, so arguments need no kernel-cmdline quoting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+KERNEL_META = "linux-image-cloud-amd64"
+# Order matters: busybox insmod does no dependency resolution.
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+)
+# The guest's fio hangs under TCG with its default (tsc) clocksource.
+FIO_FORCED = ["--clocksource=clock_gettime", "--output-format=json"]
+FORMATS = ("raw", "qcow2", "vpc", "vhdx")
+ACCELS = ("tcg", "kvm")
+
+INIT = r"""#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /etc/modules); do insmod /lib/modules/$m.ko || echo "init: insmod $m failed"; done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/vda ] || echo "init: no /dev/vda"
+NONCE=$(cat /job/nonce 2>/dev/null || echo none)
+cd /tmp
+echo "FUSEDISK-START-$NONCE"
+sh /job/run.sh
+rc=$?
+# Keep kernel messages from interleaving with the JSON on the console.
+echo 1 > /proc/sys/kernel/printk
+echo "FUSEDISK-BEGIN-$NONCE"
+cat /tmp/fio.json
+echo
+echo "FUSEDISK-END-$NONCE rc=$rc"
+sync
+poweroff -f
+"""
+RECIPE = "1"  # bump when the image layout changes in a way INIT does not show
+
+
+class GuestError(RuntimeError):
+    """The guest could not be built, booted, or gave no result."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+
+
+@dataclass
+class GuestResult:
+    status: int  # fio's exit status inside the guest
+    fio: dict[str, Any] | None  # fio's parsed JSON output, None if it printed none
+    boot_seconds: float  # QEMU start until fio starts in the guest
+    elapsed_seconds: float  # QEMU start until the result was printed
+    console: str = field(repr=False)  # the whole serial console
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0 and self.fio is not None
+
+
+def _log(msg: str) -> None:
+    print(f"guest: {msg}", file=sys.stderr, flush=True)
+
+
+def _run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+_apt_updated = False
+
+
+def _apt_update() -> None:
+    global _apt_updated
+    if not _apt_updated:
+        _log("apt-get update")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
+        _apt_updated = True
+
+
+def ensure_packages(*pkgs: str) -> None:
+    """apt-get install the host packages that are missing (one update at most)."""
+    missing = [p for p in pkgs if not _installed(p)]
+    if missing:
+        _apt_update()
+        _log(f"apt-get install {' '.join(missing)}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def _installed(pkg: str) -> bool:
+    r = subprocess.run(["dpkg", "-s", pkg], capture_output=True, text=True)
+    return r.returncode == 0 and "Status: install ok installed" in r.stdout
+
+
+def _candidate(pkg: str) -> dict[str, str]:
+    """Version and Depends of the package apt would download (updating lists once if unknown)."""
+    for attempt in range(2):
+        r = subprocess.run(
+            ["apt-cache", "show", "--no-all-versions", pkg], capture_output=True, text=True
+        )
+        fields = dict(re.findall(r"^(\w[\w-]*): (.*)$", r.stdout, re.M))
+        if r.returncode == 0 and "Version" in fields:
+            return fields
+        if attempt == 0:
+            _apt_update()
+    raise GuestError(f"apt knows no package {pkg}")
+
+
+def _download(pkgs: list[str], dest: Path) -> None:
+    # Run as root in a private dir: tell apt not to drop to the _apt user.
+    cmd = ["apt-get", "download", "-qq", "-o", "APT::Sandbox::User=root", *pkgs]
+    try:
+        subprocess.run(cmd, check=True, cwd=dest, capture_output=True)
+    except subprocess.CalledProcessError:
+        _apt_update()  # stale lists name versions the mirror no longer has
+        subprocess.run(cmd, check=True, cwd=dest, capture_output=True)
+
+
+def default_cache() -> Path:
+    env = os.environ.get("FUSEDISK_GUEST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fusedisk" / "guest"
+
+
+def build_guest(cache: Path | None = None) -> GuestImage:
+    """Return the cached guest, building it first if the host's inputs changed."""
+    cache = Path(cache) if cache else default_cache()
+    ensure_packages("fio", "cpio")
+    meta = _candidate(KERNEL_META)
+    kpkg = meta["Depends"].split(",")[0].split()[0]  # linux-image-6.1.0-NN-cloud-amd64
+    kver = _candidate(kpkg)["Version"]
+    busybox = _candidate("busybox-static")["Version"]
+    fio = _run(["dpkg-query", "-W", "-f", "${Version}", "fio"]).strip()
+    recipe = "\n".join([kpkg, kver, busybox, fio, RECIPE, INIT, *MODULES])
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
+    key = re.sub(r"[^\w.+-]", "_", f"{kver}-fio{fio}-{digest}")
+    final = cache / key
+    image = GuestImage(final / "vmlinuz", final / "initrd.gz")
+    if image.kernel.exists() and image.initrd.exists():
+        return image
+    cache.mkdir(parents=True, exist_ok=True)
+    # Build beside the final dir and rename it into place: never a half cache.
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        _build_into(tmp, kpkg, kver)
+        try:
+            tmp.rename(final)
+        except OSError:  # another build won the race; keep its result
+            if not image.initrd.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return image
+
+
+def _build_into(out: Path, kpkg: str, kver: str) -> None:
+    t0 = time.monotonic()
+    debs, kdir, root = out / "debs", out / "kernel", out / "root"
+    for d in (debs, root):
+        d.mkdir()
+    _log(f"downloading {kpkg} {kver} and busybox-static")
+    _download([f"{kpkg}={kver}", "busybox-static"], debs)
+    for deb in debs.glob("*.deb"):
+        _run(["dpkg-deb", "-x", str(deb), str(root if "busybox" in deb.name else kdir)])
+    shutil.copyfile(next((kdir / "boot").glob("vmlinuz-*")), out / "vmlinuz")
+
+    for sub in ("proc", "sys", "dev", "tmp", "etc", "job", "lib/modules"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root / "usr", ignore_errors=True)  # busybox-static's docs
+    for applet in _run([str(root / "bin/busybox"), "--list"]).split():
+        if not (root / "bin" / applet).exists():
+            (root / "bin" / applet).symlink_to("busybox")
+
+    # Modules go flat into /lib/modules, uncompressed (busybox insmod may not
+    # read .ko.xz).
+    found = {p.name.split(".ko")[0]: p for p in (kdir / "lib/modules").rglob("*.ko*")}
+    order = [m for m in MODULES if m in found]
+    if "virtio_blk" not in order:
+        raise GuestError(f"{kpkg} has no virtio_blk module")
+    for name in order:
+        src = found[name]
+        data = src.read_bytes()
+        if src.name.endswith(".xz"):
+            data = lzma.decompress(data)
+        elif src.name.endswith(".gz"):
+            data = gzip.decompress(data)
+        elif not src.name.endswith(".ko"):
+            raise GuestError(f"cannot decompress {src}")
+        (root / "lib/modules" / f"{name}.ko").write_bytes(data)
+    (root / "etc/modules").write_text(" ".join(order) + "\n")
+
+    # The host's fio and every library ldd names, at the same paths (the
+    # loader included), with symlinks resolved to plain files.
+    libs = re.findall(r"(?:=>\s*|^\s*)(/\S+)", _run(["ldd", "/usr/bin/fio"]), re.M)
+    for path in ["/usr/bin/fio", *libs]:
+        dst = root / path.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(os.path.realpath(path), dst)
+        dst.chmod(0o755)
+    (root / "init").write_text(INIT)
+    (root / "init").chmod(0o755)
+
+    (out / "initrd.gz").write_bytes(_pack(root))
+    for d in (debs, kdir, root):
+        shutil.rmtree(d)
+    size = (out / "initrd.gz").stat().st_size >> 20
+    _log(f"built guest in {time.monotonic() - t0:.1f}s (initrd {size} MiB)")
+
+
+def _pack(root: Path) -> bytes:
+    """A gzip'ed newc cpio of root. gzip members may be concatenated freely."""
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    cmd = ["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"]
+    cpio = subprocess.run(
+        cmd, input="\n".join(names).encode(), cwd=root, capture_output=True, check=True
+    )
+    return gzip.compress(cpio.stdout, compresslevel=6)
+
+
+class GuestRun:
+    """A running guest (see start_fio). wait() returns its GuestResult."""
+
+    def __init__(
+        self, cmd: list[str], workdir: Path, nonce: str, timeout: float, console_log: Path | None
+    ) -> None:
+        self.cmd, self._workdir, self._nonce = cmd, workdir, nonce
+        self.started = threading.Event()  # fio has begun inside the guest
+        self._done = threading.Event()  # END marker seen or QEMU's stdout closed
+        self._lines: list[str] = []
+        self._rc: int | None = None
+        self._t0 = time.monotonic()
+        self._t_start = self._t_end = 0.0
+        self.deadline = self._t0 + timeout
+        self._log: IO[str] | None = console_log.open("w") if console_log else None
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        end = re.compile(rf"FUSEDISK-END-{self._nonce} rc=(\d+)")
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            self._lines.append(line)
+            if self._log:
+                self._log.write(line + "\n")
+                self._log.flush()
+            if line.endswith(f"FUSEDISK-START-{self._nonce}"):
+                self._t_start = time.monotonic()
+                self.started.set()
+            elif m := end.search(line):
+                self._rc, self._t_end = int(m.group(1)), time.monotonic()
+                self._done.set()
+        self._done.set()
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until fio runs in the guest (True) or timeout/QEMU exit (False)."""
+        limit = self.deadline if timeout is None else time.monotonic() + timeout
+        while not self.started.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() >= limit:
+                return self.started.is_set()
+        return True
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def wait(self) -> GuestResult:
+        """Wait for the result; GuestError if none came before the deadline."""
+        try:
+            self._done.wait(max(0.0, self.deadline - time.monotonic()))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                # After its result the guest powers off by itself.
+                self.proc.wait(timeout=10 if self._rc is not None else 1)
+        finally:
+            self.kill()
+            self._reader.join(5)
+            if self._log:
+                self._log.close()
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        console = "\n".join(self._lines)
+        if self._rc is None:
+            why = "timed out" if time.monotonic() >= self.deadline else "exited"
+            tail = " | ".join(ln for ln in self._lines[-3:] if ln.strip())
+            raise GuestError(f"guest {why} without a fio result; console tail: {tail}")
+        return GuestResult(
+            status=self._rc,
+            fio=_parse_result(self._lines, self._nonce),
+            boot_seconds=self._t_start - self._t0,
+            elapsed_seconds=self._t_end - self._t0,
+            console=console,
+        )
+
+    def __enter__(self) -> GuestRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def _parse_result(lines: list[str], nonce: str) -> dict[str, Any] | None:
+    marks = [i for i, ln in enumerate(lines) if ln.endswith(f"FUSEDISK-BEGIN-{nonce}")]
+    if not marks:
+        return None
+    text = "\n".join(lines[marks[-1] + 1 :])
+    start = text.find("{")  # fio may print notes before the JSON
+    if start < 0:
+        return None
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def start_fio(
+    disk: Path,
+    fio_args: list[str],
+    *,
+    fmt: str = "raw",
+    accel: str = "tcg",
+    memory: int = 512,
+    smp: int = 1,
+    timeout: float = 600.0,
+    job_file: Path | None = None,
+    console_log: Path | None = None,
+    guest: GuestImage | None = None,
+    qemu_args: list[str] | None = None,
+) -> GuestRun:
+    """Boot a guest running `fio FIO_ARGS [JOB_FILE]` against its /dev/vda (= disk).
+
+    Returns at once; the caller may act on the disk's host side meanwhile.
+    """
+    if fmt not in FORMATS or accel not in ACCELS:
+        raise ValueError(f"format must be one of {FORMATS}, accel one of {ACCELS}")
+    ensure_packages("qemu-system-x86")
+    guest = guest or build_guest()
+    nonce = uuid.uuid4().hex[:16]
+    work = Path(tempfile.mkdtemp(prefix="fusedisk-guest-"))
+    args = [*fio_args, *FIO_FORCED, "--output=/tmp/fio.json"]
+    jobdir = work / "job-root"
+    (jobdir / "job").mkdir(parents=True)
+    if job_file is not None:
+        shutil.copyfile(job_file, jobdir / "job/job.fio")
+        args.append("/job/job.fio")
+    (jobdir / "job/nonce").write_text(nonce + "\n")
+    (jobdir / "job/run.sh").write_text(f"exec /usr/bin/fio {shlex.join(args)}\n")
+    # QEMU takes one initrd on x86; the kernel unpacks concatenated archives.
+    initrd = work / "initrd.gz"
+    with initrd.open("wb") as f, guest.initrd.open("rb") as base:
+        shutil.copyfileobj(base, f)
+        f.write(_pack(jobdir))
+    drive = str(Path(disk).resolve()).replace(",", ",,")  # QEMU escapes ',' as ',,'
+    cmd = [
+        "qemu-system-x86_64",
+        "-nodefaults",  # no NIC/VGA/option ROMs: faster boot, nothing to probe
+        "-no-user-config",
+        "-nographic",
+        "-serial", "stdio",
+        "-no-reboot",
+        "-accel", accel,
+        "-cpu", "max" if accel == "tcg" else "host",
+        "-m", str(memory),
+        "-smp", str(smp),
+        "-kernel", str(guest.kernel),
+        "-initrd", str(initrd),
+        "-append", "console=ttyS0 quiet panic=-1",
+        "-drive", f"file={drive},format={fmt},if=virtio,cache=none,aio=threads",
+        *(qemu_args or []),
+    ]  # fmt: skip
+    return GuestRun(cmd, work, nonce, timeout, console_log)
+
+
+def run_fio(disk: Path, fio_args: list[str], **kw: Any) -> GuestResult:
+    """start_fio(...).wait(): boot, run fio in the guest, return its result."""
+    return start_fio(disk, fio_args, **kw).wait()
+
+
+def probe_kvm(timeout: float = 60.0) -> bool:
+    """True if a KVM guest boots and runs fio here (it hangs on some hosts)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    with tempfile.NamedTemporaryFile(suffix=".raw") as disk:
+        os.truncate(disk.name, 1 << 20)
+        try:
+            args = ["--name=p", "--filename=/dev/vda", "--size=64k", "--rw=read"]
+            return run_fio(Path(disk.name), args, accel="kvm", timeout=timeout).ok
+        except GuestError:
+            return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or reuse) the cached guest; print its paths")
+    r = sub.add_parser("run", help="boot the guest and run fio against --disk")
+    for s in (b, r):
+        s.add_argument(
+            "--cache", type=Path, help="default: $FUSEDISK_GUEST_CACHE or ~/.cache/fusedisk/guest"
+        )
+    r.add_argument("--disk", type=Path, required=True)
+    r.add_argument("--format", choices=FORMATS, default="raw")
+    r.add_argument("--accel", choices=ACCELS, default="tcg")
+    r.add_argument("--memory", type=int, default=512, help="MiB")
+    r.add_argument("--smp", type=int, default=1)
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
+    r.add_argument("--fio-args", default="", help="fio arguments, shell-quoted (one string)")
+    r.add_argument("--job-file", type=Path, help="fio job file, passed after --fio-args")
+    r.add_argument("--console-log", type=Path, help="save the serial console here")
+    a = p.parse_args(argv)
+    try:
+        guest = build_guest(a.cache)
+        if a.cmd == "build":
+            print(f"kernel: {guest.kernel}\ninitrd: {guest.initrd}")
+            return 0
+        if not a.fio_args and not a.job_file:
+            p.error("run needs --fio-args or --job-file")
+        res = run_fio(
+            a.disk,
+            shlex.split(a.fio_args),
+            fmt=a.format,
+            accel=a.accel,
+            memory=a.memory,
+            smp=a.smp,
+            timeout=a.timeout,
+            job_file=a.job_file,
+            console_log=a.console_log,
+            guest=guest,
+        )
+    except (GuestError, OSError, subprocess.CalledProcessError) as e:
+        print(f"guest.py: error: {e}", file=sys.stderr)
+        return 2
+    if res.fio is not None:
+        print(json.dumps(res.fio, indent=2))
+    _log(f"boot {res.boot_seconds:.1f}s, total {res.elapsed_seconds:.1f}s, fio rc={res.status}")
+    if not res.ok:
+        print(
+            f"guest.py: error: fio in the guest failed (exit status {res.status})", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
