@@ -48,6 +48,7 @@ class Disk:
         self._resume: trio.Event | None = None  # set while I/O is held
         self._inflight = 0
         self._drained: trio.Event | None = None
+        self.flushes = 0  # completed guest flushes: proves fsync reaches the daemon
 
     # ---- the I/O gate -------------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class Disk:
                 if mirror is not None and self.mirror is mirror:
                     self._mirror_failed(f"source flush failed: {primary_error}")
                 raise primary_error
+            self.flushes += 1
         finally:
             self._leave()
 
@@ -214,7 +216,11 @@ class Disk:
         return move
 
     def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = {"image": self.primary.path, "size": self.primary.size()}
+        status: dict[str, Any] = {
+            "image": self.primary.path,
+            "size": self.primary.size(),
+            "flushes": self.flushes,
+        }
         if self.move is None:
             status.update(phase="idle", source=None, destination=None, error=None)
         else:
