@@ -65,6 +65,7 @@ async def serve_control(
     sock.listen(16)
     try:
         task_status.started()
+
         async def serve_one(stream: trio.SocketStream) -> None:
             await _serve_one(stream, handler)
 

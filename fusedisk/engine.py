@@ -24,6 +24,7 @@ import trio
 
 from fusedisk.backend import ImageFile
 from fusedisk.errors import MoveRefused
+from fusedisk.failpoints import crash_point
 from fusedisk.storage import Storage
 from fusedisk.syncmap import RangeLocks, SyncMap
 
@@ -200,7 +201,8 @@ class Disk:
         )
         move = Move(source, dest, rate_limit=rate_limit, keep_source=keep_source, verify=verify)
         try:
-            record = {"phase": "mirroring", "source": source, "destination": dest}
+            record: dict[str, Any] = {"phase": "mirroring", "source": source}
+            record.update(destination=dest, keep_source=keep_source)
             await trio.to_thread.run_sync(self.storage.write_journal, source, record)
         except BaseException:
             dest_file.close()
@@ -212,6 +214,7 @@ class Disk:
         dest_file.truncate(size)
         self.mirror, self.syncmap, self.move = dest_file, SyncMap(size), move
         move.begin(dest_file)
+        crash_point("mirroring-started")
         self._nursery.start_soon(run_move, self, move)
         return move
 

@@ -20,6 +20,7 @@ import xxhash
 
 from fusedisk.backend import PAGE, ImageFile
 from fusedisk.errors import StateError, VerifyMismatch
+from fusedisk.failpoints import crash_point
 
 if TYPE_CHECKING:
     from fusedisk.engine import Disk
@@ -213,6 +214,7 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
             move.synced_by_writes_bytes += (end - cursor) - sum(b - a for a, b in runs)
             for a, b in runs:
                 move.copied_bytes += await trio.to_thread.run_sync(source.copy_to, dest, a, b - a)
+                crash_point("copy-chunk")
             syncmap.mark_synced(cursor, end)
         move.cursor = end
         await move._throttle(end - cursor)
@@ -254,13 +256,20 @@ async def _switch(disk: Disk, move: Move) -> None:
     # The bulk of the flush happens here, with I/O still flowing, so the held time stays short.
     await trio.to_thread.run_sync(dest.fsync, False)
     move.step = "holding I/O"
-    record = {"phase": "switched", "source": move.source, "destination": move.dest}
+    record = {
+        "phase": "switched",
+        "source": move.source,
+        "destination": move.dest,
+        "keep_source": move.keep_source,
+    }
     async with disk.held_io(drain_timeout=DRAIN_TIMEOUT):
         held = time.perf_counter()
         if move.error is not None:  # a mirrored write failed just before the hold
             return
+        crash_point("switch-held")
         dest.fsync(True)  # inline: I/O is held anyway; only writes since the flush above
         disk.storage.write_journal(move.source, record)
+        crash_point("switch-recorded")
         old = disk.primary
         disk.primary, disk.mirror, disk.syncmap = dest, None, None
         move.switched = True
@@ -277,6 +286,7 @@ async def _finish(disk: Disk, move: Move) -> None:
             move.dest_file.close()
         if not move.keep_source:
             await trio.to_thread.run_sync(disk.storage.remove, move.source)
+            crash_point("source-deleted")
         await trio.to_thread.run_sync(disk.storage.clear_journal, move.source)
     except OSError as e:
         # The VM runs on the destination; a leftover source is garbage, not a risk.
