@@ -12,6 +12,7 @@ may still exist and must be deleted).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -29,9 +30,21 @@ class Storage(Protocol):
         """Delete an image durably."""
         ...
 
-    def write_journal(self, source: str, record: dict[str, Any]) -> None: ...
+    def write_journal(self, source: str, record: dict[str, Any]) -> None:
+        """Replace the journal durably (prepare and commit in one)."""
+        ...
 
-    def clear_journal(self, source: str) -> None: ...
+    def prepare_journal(self, source: str, record: dict[str, Any]) -> None:
+        """Make the next record durable aside, so committing it is one rename."""
+        ...
+
+    def commit_journal(self, source: str) -> None:
+        """Atomically and durably make the prepared record the journal."""
+        ...
+
+    def clear_journal(self, source: str) -> None:
+        """Remove the journal and any prepared record."""
+        ...
 
 
 def journal_path(source: str) -> str:
@@ -65,16 +78,25 @@ class PosixStorage:
         fsync_dir(os.path.dirname(path))
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:
-        final = journal_path(source)
-        temp = final + ".tmp"
+        self.prepare_journal(source, record)
+        self.commit_journal(source)
+
+    def prepare_journal(self, source: str, record: dict[str, Any]) -> None:
+        temp = journal_path(source) + ".tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, json.dumps(record, sort_keys=True).encode() + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(temp, final)
+
+    def commit_journal(self, source: str) -> None:
+        final = journal_path(source)
+        os.rename(final + ".tmp", final)
         fsync_dir(os.path.dirname(final))
 
     def clear_journal(self, source: str) -> None:
-        self.remove(journal_path(source))
+        final = journal_path(source)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(final + ".tmp")
+        self.remove(final)

@@ -113,6 +113,7 @@ class MemoryStorage:
         self.files = {f.path: f for f in files}
         self.journal: dict[str, dict[str, Any]] = {}
         self.journal_history: list[dict[str, Any]] = []
+        self.prepared: dict[str, dict[str, Any]] = {}
         self.on_create: Callable[[str], None] | None = None
         self.on_journal: Callable[[dict[str, Any]], None] | None = None
 
@@ -129,10 +130,19 @@ class MemoryStorage:
         self.files.pop(path, None)
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:
+        self.prepare_journal(source, record)
+        self.commit_journal(source)
+
+    def prepare_journal(self, source: str, record: dict[str, Any]) -> None:
+        self.prepared[source] = dict(record)
+
+    def commit_journal(self, source: str) -> None:
+        record = self.prepared.pop(source)
         if self.on_journal:
             self.on_journal(record)
-        self.journal[source] = dict(record)
-        self.journal_history.append(dict(record))
+        self.journal[source] = record
+        self.journal_history.append(record)
 
     def clear_journal(self, source: str) -> None:
         self.journal.pop(source, None)
+        self.prepared.pop(source, None)
