@@ -87,6 +87,7 @@ def demo(work: Path, size_mib: int, rate: str) -> None:
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ],
         stdout=subprocess.PIPE,
