@@ -103,7 +103,10 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     except FusediskError as e:
         if "stale mount" not in str(e):
             raise
-    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UsageError(message="fusermount3 is not installed (Debian package fuse3)") from None
     if result.returncode != 0:
         error = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         if "busy" in error.lower():
@@ -117,14 +120,21 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its parent to reap it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def _wait_for_exit(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
     raise UsageError(message=f"unmounted, but daemon pid {pid} still runs after {timeout:.0f} s")
 
 
@@ -301,5 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"fusedisk: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the last resort: still one line, never a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fusedisk: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -152,11 +152,23 @@ async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
     """Check, recover, mount and serve until unmounted; ``ready`` gets a line for the user."""
     checks.check_fuse_available()
     checks.check_mountpoint(config.mountpoint)
-    if not os.path.exists(config.image) and not os.path.exists(journal_path(config.image)):
-        checks.check_image(config.image)
-    image_path, found = recover(config.image)
-    checks.check_image(image_path)
-    image = open_locked(image_path)
+    # Lock before recovering: a daemon still moving this image holds the lock on it (and on
+    # its destination), and its journal must not be "recovered" from under it.
+    record = read_journal(config.image)
+    first = config.image
+    if record is not None and record["phase"] == "switched" and not os.path.exists(first):
+        first = str(record["destination"])
+    checks.check_image(first)
+    image = open_locked(first)
+    try:
+        image_path, found = recover(config.image)
+        if image_path != first:
+            image.close()
+            checks.check_image(image_path)
+            image = open_locked(image_path)
+    except BaseException:
+        image.close()
+        raise
     control_path = os.path.join(runtime_dir(), runtime_name(config.mountpoint) + ".sock")
     disk: Disk | None = None
     try:

@@ -38,7 +38,7 @@ class MoveRefused(UsageError):
 
 
 class MoveFailed(FusediskError):
-    template = "move to {dest} failed during {phase}: {reason}; the VM is still on {source}"
+    template = "move to {dest} {phase}: {reason}; the VM is still on {source}"
 
 
 class StateError(FusediskError):

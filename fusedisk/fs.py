@@ -167,6 +167,10 @@ class DiskOperations(pyfuse3.Operations):
     ) -> pyfuse3.FileInfo:
         if inode != FILE_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC:
+            # libfuse enables atomic O_TRUNC: the kernel sends no separate truncate.
+            with fuse_errors("open(O_TRUNC)", self._phase, 0):
+                await self.disk.truncate(0)
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh))
 

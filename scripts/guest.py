@@ -2,7 +2,7 @@
 """Build a tiny Linux guest from Debian packages and run fio in it under QEMU.
 
     guest.py build [--cache DIR]
-    guest.py run --disk PATH [--format raw] [--accel tcg] --fio-args "..."
+    guest.py run --disk PATH [--format raw] [--accel tcg] --fio-args="..." [-- FIO_ARG...]
 
 The guest is a Debian cloud kernel plus an initramfs holding busybox, the
 host's fio and its libraries, and an init script that runs one fio job against
@@ -10,8 +10,6 @@ host's fio and its libraries, and an init script that runs one fio job against
 The job (fio arguments, optional job file) travels in a small gzip'ed cpio
 appended to the cached initrd, so arguments need no kernel-cmdline quoting.
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib
@@ -40,6 +38,7 @@ MODULES = "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio
 # The guest's fio hangs under TCG with its default (tsc) clocksource.
 FIO_FORCED = ["--clocksource=clock_gettime", "--output-format=json"]
 FORMATS = ("raw", "qcow2", "vpc", "vhdx")
+CACHE = "~/.cache/fusedisk/guest"
 ACCELS = ("tcg", "kvm")
 
 INIT = r"""#!/bin/sh
@@ -126,18 +125,21 @@ def _installed(pkg: str) -> bool:
     return r.returncode == 0 and "Status: install ok installed" in r.stdout
 
 
-def _candidate(pkg: str) -> dict[str, str]:
-    """Version and Depends of the package apt would download (updating lists once if unknown)."""
+def _candidates(*pkgs: str) -> dict[str, dict[str, str]]:
+    """The apt-cache fields of the versions apt would download, by package name."""
     for attempt in range(2):
-        r = subprocess.run(
-            ["apt-cache", "show", "--no-all-versions", pkg], capture_output=True, text=True
-        )
-        fields = dict(re.findall(r"^(\w[\w-]*): (.*)$", r.stdout, re.M))
-        if r.returncode == 0 and "Version" in fields:
-            return fields
-        if attempt == 0:
+        cmd = ["apt-cache", "show", "--no-all-versions", *pkgs]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        found = {}
+        for stanza in r.stdout.split("\n\n"):
+            fields = dict(re.findall(r"^(\w[\w-]*): (.*)$", stanza, re.M))
+            if "Package" in fields:
+                found[fields["Package"]] = fields
+        if r.returncode == 0 and set(pkgs) <= found.keys():
+            return found
+        if attempt == 0:  # no lists yet (fresh machine): fetch them once
             _apt_update()
-    raise GuestError(f"apt knows no package {pkg}")
+    raise GuestError(f"apt-cache show {' '.join(pkgs)} failed: {r.stderr.strip()}")
 
 
 def _download(pkgs: list[str], dest: Path) -> None:
@@ -150,9 +152,6 @@ def _download(pkgs: list[str], dest: Path) -> None:
         subprocess.run(cmd, check=True, cwd=dest, capture_output=True)
 
 
-CACHE = "~/.cache/fusedisk/guest"
-
-
 def default_cache() -> Path:
     return Path(os.environ.get("FUSEDISK_GUEST_CACHE") or CACHE).expanduser()
 
@@ -161,10 +160,13 @@ def build_guest(cache: Path | None = None) -> GuestImage:
     """Return the cached guest, building it first if the host's inputs changed."""
     cache = Path(cache) if cache else default_cache()
     ensure_packages("fio", "cpio")
-    meta = _candidate(KERNEL_META)
-    kpkg = meta["Depends"].split(",")[0].split()[0]  # linux-image-6.1.0-NN-cloud-amd64
-    kver = _candidate(kpkg)["Version"]
-    busybox = _candidate("busybox-static")["Version"]
+    found = _candidates(KERNEL_META, "busybox-static")
+    # The meta package pins the real one: "linux-image-6.1.0-NN-cloud-amd64 (= 6.1.x-y)".
+    m = re.match(r"\s*(\S+) \(= ([^)]+)\)", found[KERNEL_META]["Depends"])
+    if not m:
+        raise GuestError(f"unexpected Depends of {KERNEL_META}")
+    kpkg, kver = m.groups()
+    busybox = found["busybox-static"]["Version"]
     fio = _run(["dpkg-query", "-W", "-f", "${Version}", "fio"]).strip()
     recipe = "\n".join([kpkg, kver, busybox, fio, RECIPE, INIT, MODULES])
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
@@ -326,7 +328,7 @@ class GuestRun:
         console = "\n".join(self._lines)
         if self._rc is None:
             why = "timed out" if time.monotonic() >= self.deadline else "exited"
-            tail = " | ".join(ln for ln in self._lines[-3:] if ln.strip())
+            tail = " | ".join(_plain(ln) for ln in self._lines[-3:] if _plain(ln))
             raise GuestError(f"guest {why} without a fio result; console tail: {tail}")
         return GuestResult(
             status=self._rc,
@@ -336,11 +338,16 @@ class GuestRun:
             console=console,
         )
 
-    def __enter__(self) -> GuestRun:
+    def __enter__(self) -> "GuestRun":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._cleanup()
+
+
+def _plain(line: str) -> str:
+    """line without terminal escapes (SeaBIOS clears the screen) or control bytes."""
+    return re.sub(r"\x1b(\[[0-9;?]*[A-Za-z]|.)|[\x00-\x1f]", "", line).strip()
 
 
 def _parse_result(lines: list[str], nonce: str) -> dict[str, Any] | None:
@@ -374,6 +381,9 @@ def start_fio(
 ) -> GuestRun:
     """Boot a guest running `fio FIO_ARGS [JOB_FILE]` against its /dev/vda (= disk).
 
+    fio_args are fio's command-line arguments (include --filename=/dev/vda);
+    --clocksource=clock_gettime and JSON output are always added.
+
     Returns at once; the caller may act on the disk's host side meanwhile.
     Trap: with --time_based, fio never reaches its verify phase (the writes use
     all the runtime); add --verify_backlog=N or bound the job by --size instead.
@@ -384,6 +394,9 @@ def start_fio(
     guest = guest or build_guest()
     nonce = uuid.uuid4().hex[:16]
     work = Path(tempfile.mkdtemp(prefix="fusedisk-guest-"))
+    # Ours come last so they win. No default --filename: fio adds a global one
+    # to a job's own, and the job then splits its I/O over two "files" that
+    # are the same /dev/vda -- and fails its verify.
     args = [*fio_args, *FIO_FORCED, "--output=/tmp/fio.json"]
     jobdir = work / "job-root"
     (jobdir / "job").mkdir(parents=True)
@@ -425,7 +438,7 @@ def run_fio(disk: Path, fio_args: list[str], **kw: Any) -> GuestResult:
     return start_fio(disk, fio_args, **kw).wait()
 
 
-def probe_kvm(timeout: float = 60.0) -> bool:
+def probe_kvm(timeout: float = 20.0, guest: GuestImage | None = None) -> bool:
     """True if a KVM guest boots and runs fio here (it hangs on some hosts)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
@@ -433,7 +446,7 @@ def probe_kvm(timeout: float = 60.0) -> bool:
         os.truncate(disk.name, 1 << 20)
         try:
             args = ["--name=p", "--filename=/dev/vda", "--size=64k", "--rw=read"]
-            return run_fio(Path(disk.name), args, accel="kvm", timeout=timeout).ok
+            return run_fio(Path(disk.name), args, accel="kvm", timeout=timeout, guest=guest).ok
         except GuestError:
             return False
 
@@ -451,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--memory", type=int, default=512, help="MiB")
     r.add_argument("--smp", type=int, default=1)
     r.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
-    r.add_argument("--fio-args", default="", help="fio arguments, shell-quoted (one string)")
+    r.add_argument("--fio-args", default="", help='one shell-quoted string: --fio-args="--name=x"')
+    r.add_argument("fio", nargs="*", help="more fio arguments, after a `--`")
     r.add_argument("--job-file", type=Path, help="fio job file, passed after --fio-args")
     r.add_argument("--console-log", type=Path, help="save the serial console here")
     a = p.parse_args(argv)
@@ -460,10 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "build":
             print(f"kernel: {guest.kernel}\ninitrd: {guest.initrd}")
             return 0
-        if not a.fio_args and not a.job_file:
-            p.error("run needs --fio-args or --job-file")
+        fio_args = shlex.split(a.fio_args) + a.fio
+        if not fio_args and not a.job_file:
+            p.error("run needs fio arguments or --job-file")
         opts = {k: getattr(a, k) for k in ("accel", "memory", "smp", "timeout", "job_file")}
-        res = run_fio(a.disk, shlex.split(a.fio_args), fmt=a.format, guest=guest,
+        res = run_fio(a.disk, fio_args, fmt=a.format, guest=guest,
                       console_log=a.console_log, **opts)  # fmt: skip
     except (GuestError, OSError, subprocess.CalledProcessError) as e:
         print(f"guest.py: error: {e}", file=sys.stderr)
