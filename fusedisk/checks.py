@@ -7,6 +7,7 @@ import os
 import shutil
 
 from fusedisk.errors import MoveRefused, StaleMount, UsageError
+from fusedisk.storage import journal_path
 
 
 def check_fuse_available() -> None:
@@ -66,6 +67,9 @@ def check_destination(source: str, dest: str, mountpoint: str, *, force: bool) -
         raise refuse(f"directory {parent} is not writable")
     if os.stat(parent).st_dev == os.stat(mountpoint).st_dev:
         raise refuse("the destination is inside the fusedisk mount itself")
+    journal = journal_path(source)
+    if dest in (journal, journal + ".tmp"):
+        raise refuse("that name is the move journal's")
     reclaimable = 0
     if os.path.lexists(dest):
         if os.path.exists(dest) and os.path.samefile(dest, source):

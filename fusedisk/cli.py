@@ -237,6 +237,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     status = request(_abs(args.mountpoint), {"command": "cancel"}, timeout=120)
+    if status["phase"] == "done":
+        raise UsageError(
+            message=f"too late: the move had switched; the disk is on {status['image']}"
+        )
     print(f"cancelled: the disk stays on {status['image']}")
     return 0
 
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as e:
         print(f"fusedisk: {e}", file=sys.stderr)
-        return 2
+        return 1
     except OSError as e:  # the last resort: still one line, never a traceback
         where = f"{e.filename}: " if e.filename else ""
         print(f"fusedisk: {where}{e.strerror or e}", file=sys.stderr)

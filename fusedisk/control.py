@@ -100,6 +100,9 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
             reply = {"ok": False, "error": str(e)}
         except (ValueError, KeyError, TypeError) as e:
             reply = {"ok": False, "error": f"bad control request: {e}"}
+        except Exception as e:  # never let one request take the daemon (and the disk) down
+            log.exception("control request %r failed", data[:200])
+            reply = {"ok": False, "error": f"internal error: {e!r}"}
         await _reply(stream, reply)
 
 

@@ -92,6 +92,7 @@ class Daemon:
         self.config = config
         self.disk = disk
         self.control_path = control_path
+        self._migrate_lock = trio.Lock()
 
     def facts(self) -> dict[str, Any]:
         status = self.disk.status()
@@ -109,23 +110,7 @@ class Daemon:
         if command == "status":
             pass
         elif command == "migrate":
-            dest = str(request["destination"])
-            source = self.disk.primary.path
-            if move is not None and move.active:
-                raise MoveRefused(
-                    dest=dest, source=source, reason=f"a move is already {move.phase.value}"
-                )
-            await trio.to_thread.run_sync(
-                lambda: checks.check_destination(
-                    source, dest, self.config.mountpoint, force=bool(request.get("force"))
-                )
-            )
-            await self.disk.start_move(
-                dest,
-                rate_limit=int(request.get("rate_limit") or 0),
-                keep_source=bool(request.get("keep_source")),
-                verify=bool(request.get("verify")),
-            )
+            await self._migrate(request)
         elif command == "cancel":
             if move is None or not move.active:
                 raise UsageError(message="no move is running")
@@ -138,6 +123,28 @@ class Daemon:
         else:
             raise UsageError(message=f"unknown command {command!r}")
         return self.facts()
+
+    async def _migrate(self, request: dict[str, Any]) -> None:
+        dest = str(request["destination"])
+        source = self.disk.primary.path
+        self.disk.check_can_move(dest)
+        if self._migrate_lock.locked():
+            raise MoveRefused(dest=dest, source=source, reason="a move is already starting")
+        async with self._migrate_lock:  # checks and start as one step among requests
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: checks.check_destination(
+                        source, dest, self.config.mountpoint, force=bool(request.get("force"))
+                    )
+                )
+                await self.disk.start_move(
+                    dest,
+                    rate_limit=int(request.get("rate_limit") or 0),
+                    keep_source=bool(request.get("keep_source")),
+                    verify=bool(request.get("verify")),
+                )
+            except OSError as e:
+                raise MoveRefused(dest=dest, source=source, reason=e.strerror or str(e)) from e
 
 
 async def _stop_on_signals() -> None:

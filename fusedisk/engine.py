@@ -50,6 +50,7 @@ class Disk:
         self._inflight = 0
         self._drained: trio.Event | None = None
         self.flushes = 0  # completed guest flushes: proves fsync reaches the daemon
+        self._starting = False
 
     # ---- the I/O gate -------------------------------------------------------------------
 
@@ -192,22 +193,23 @@ class Disk:
         from fusedisk.move import Move, run_move
 
         source = self.primary.path
-        if self.move is not None and self.move.active:
-            raise MoveRefused(
-                dest=dest, source=source, reason=f"a move is already {self.move.phase.value}"
-            )
-        dest_file = await trio.to_thread.run_sync(
-            self.storage.create, dest, self.primary.size(), self.primary
-        )
-        move = Move(source, dest, rate_limit=rate_limit, keep_source=keep_source, verify=verify)
+        self.check_can_move(dest)
+        self._starting = True  # until mirroring is on: a second request is refused meanwhile
         try:
-            record: dict[str, Any] = {"phase": "mirroring", "source": source}
-            record.update(destination=dest, keep_source=keep_source)
-            await trio.to_thread.run_sync(self.storage.write_journal, source, record)
-        except BaseException:
-            dest_file.close()
-            self.storage.remove(dest)
-            raise
+            dest_file = await trio.to_thread.run_sync(
+                self.storage.create, dest, self.primary.size(), self.primary
+            )
+            try:
+                record: dict[str, Any] = {"phase": "mirroring", "source": source}
+                record.update(destination=dest, keep_source=keep_source)
+                await trio.to_thread.run_sync(self.storage.write_journal, source, record)
+            except BaseException:
+                dest_file.close()
+                self.storage.remove(dest)
+                raise
+        finally:
+            self._starting = False
+        move = Move(source, dest, rate_limit=rate_limit, keep_source=keep_source, verify=verify)
         # From here to the end, no checkpoint: no guest write can fall between taking the size
         # and turning mirroring on.
         size = self.primary.size()
@@ -217,6 +219,16 @@ class Disk:
         crash_point("mirroring-started")
         self._nursery.start_soon(run_move, self, move)
         return move
+
+    def check_can_move(self, dest: str) -> None:
+        """Refuse a move while another is starting or running."""
+        if self._starting:
+            raise MoveRefused(
+                dest=dest, source=self.primary.path, reason="a move is already starting"
+            )
+        if self.move is not None and self.move.active:
+            reason = f"a move is already {self.move.phase.value}"
+            raise MoveRefused(dest=dest, source=self.primary.path, reason=reason)
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {

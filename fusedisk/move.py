@@ -209,15 +209,18 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
             continue
         end = min(source.next_hole(cursor), cursor + CHUNK, size)
         end = max(min(-(-end // PAGE) * PAGE, size), min(cursor + PAGE, size))
+        copied = 0
         with disk.locks.hold(cursor, end):
             runs = syncmap.unsynced_runs(cursor, end)
             move.synced_by_writes_bytes += (end - cursor) - sum(b - a for a, b in runs)
             for a, b in runs:
-                move.copied_bytes += await trio.to_thread.run_sync(source.copy_to, dest, a, b - a)
+                n = await trio.to_thread.run_sync(source.copy_to, dest, a, b - a)
+                copied += n
+                move.copied_bytes += n
                 crash_point("copy-chunk")
             syncmap.mark_synced(cursor, end)
         move.cursor = end
-        await move._throttle(end - cursor)
+        await move._throttle(copied)  # the limit is on bytes copied, not on bytes skipped
 
 
 def _digest(image: ImageFile, offset: int, length: int) -> bytes:

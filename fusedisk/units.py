@@ -12,7 +12,8 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?(?:/s)?\s*", text.lower())
     if not match:
         raise ValueError(f"not a size: {text!r} (examples: 50M, 1G, 0 for unlimited)")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    value = float(match.group(1)) * _UNITS[match.group(2)]
+    return max(1, int(value)) if value > 0 else 0  # 0.5 means one byte, not "no limit"
 
 
 def human(n: float) -> str:
