@@ -84,6 +84,9 @@ class GuestResult:
     boot_seconds: float  # QEMU start until fio starts in the guest
     elapsed_seconds: float  # QEMU start until the result was printed
     console: str = field(repr=False)  # the whole serial console
+    # With start_fio(iops_log=True): (ms since fio started, IOPS, direction 0 read/1 write),
+    # one sample a second, from fio's --write_iops_log inside the guest.
+    iops: list[tuple[int, int, int]] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -336,6 +339,7 @@ class GuestRun:
             boot_seconds=self._t_start - self._t0,
             elapsed_seconds=self._t_end - self._t0,
             console=console,
+            iops=_parse_iops(self._lines, self._nonce),
         )
 
     def __enter__(self) -> "GuestRun":
@@ -365,6 +369,18 @@ def _parse_result(lines: list[str], nonce: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _parse_iops(lines: list[str], nonce: str) -> list[tuple[int, int, int]]:
+    """fio iops-log lines ("msec, iops, ddir, bs, offset") that run.sh tagged with the nonce."""
+    samples = []
+    tag = f"FUSEDISK-IOPS-{nonce} "
+    for line in lines:
+        _, found, rest = line.partition(tag)
+        fields = [f.strip() for f in rest.split(",")]
+        if found and len(fields) >= 3 and all(f.isdigit() for f in fields[:3]):
+            samples.append((int(fields[0]), int(fields[1]), int(fields[2])))
+    return samples
+
+
 def start_fio(
     disk: Path,
     fio_args: list[str],
@@ -378,6 +394,7 @@ def start_fio(
     console_log: Path | None = None,
     guest: GuestImage | None = None,
     qemu_args: list[str] | None = None,
+    iops_log: bool = False,
 ) -> GuestRun:
     """Boot a guest running `fio FIO_ARGS [JOB_FILE]` against its /dev/vda (= disk).
 
@@ -404,7 +421,16 @@ def start_fio(
         shutil.copyfile(job_file, jobdir / "job/job.fio")
         args.append("/job/job.fio")
     (jobdir / "job/nonce").write_text(nonce + "\n")
-    (jobdir / "job/run.sh").write_text(f"exec /usr/bin/fio {shlex.join(args)}\n")
+    script = f"exec /usr/bin/fio {shlex.join(args)}\n"
+    if iops_log:
+        # One IOPS sample a second, printed on the console (tagged) once fio is done.
+        args += ["--write_iops_log=/tmp/fusedisk", "--log_avg_msec=1000"]
+        script = (
+            f"/usr/bin/fio {shlex.join(args)}\nrc=$?\n"
+            f"for f in /tmp/fusedisk_iops*.log; do "
+            f'sed "s/^/FUSEDISK-IOPS-{nonce} /" "$f"; done\nexit $rc\n'
+        )
+    (jobdir / "job/run.sh").write_text(script)
     # QEMU takes one initrd on x86, but the kernel unpacks concatenated
     # archives; gzip'ing the job one spares any alignment worry after the base.
     initrd = work / "initrd.cpio"
