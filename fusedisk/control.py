@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,18 +34,20 @@ MAX_REQUEST = 1 << 16
 def runtime_dir() -> str:
     """A directory only this user can enter, for sockets and daemon logs."""
     uid = os.getuid()
+    candidates = []
     base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base):
-        path = os.path.join(base, "fusedisk")
-    elif uid == 0:
-        path = "/run/fusedisk"
-    else:
-        path = f"/tmp/fusedisk-{uid}"
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if st.st_uid != uid or st.st_mode & 0o077 or not os.path.isdir(path):
-        raise ControlError(message=f"{path} is not a private directory owned by uid {uid}")
-    return path
+    if base and os.path.isdir(base) and os.stat(base).st_uid == uid:  # not after a bare `su`
+        candidates.append(os.path.join(base, "fusedisk"))
+    candidates.append("/run/fusedisk" if uid == 0 else f"/tmp/fusedisk-{uid}")
+    for path in candidates:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid == uid and not st.st_mode & 0o077 and stat.S_ISDIR(st.st_mode):
+            return path
+    raise ControlError(message=f"no private runtime directory for uid {uid}: tried {candidates}")
 
 
 def _peer_uid(sock: trio.socket.SocketType) -> int:

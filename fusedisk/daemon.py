@@ -26,7 +26,7 @@ from fusedisk.control import runtime_dir, serve_control
 from fusedisk.engine import Disk
 from fusedisk.errors import MoveRefused, UsageError
 from fusedisk.fs import DiskOperations
-from fusedisk.storage import PosixStorage, journal_path, read_journal
+from fusedisk.storage import PosixStorage, journal_path, read_journal, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +45,45 @@ def runtime_name(mountpoint: str) -> str:
 
 
 def recover(image: str) -> tuple[str, str | None]:
-    """Settle a move the journal beside ``image`` says was unfinished (a crash or a kill).
+    """Settle a move that a crash or a kill left unfinished, found from either of its files.
 
     Returns the image to serve and a line saying what was found and done (None if nothing).
     Before the switch was recorded the source is the truth: the partial destination is removed
     (the move is not resumed; run it again).  After, the destination is the truth: it is served
-    and the source is deleted, as the move would have done.
+    and the source deleted, as the move would have done, whichever path the user named.
     """
     record = read_journal(image)
     if record is None:
-        return image, None
+        source = read_marker(image)
+        if source is None:
+            return image, None
+        # ``image`` is a destination fusedisk created: only a recorded switch makes it the truth.
+        record = read_journal(source) if os.path.exists(journal_path(source)) else None
+        if record is None or record["phase"] != "switched" or record["destination"] != image:
+            raise UsageError(
+                message=f"{image} is the unfinished destination of a move from {source}; "
+                f"nothing was changed: mount {source} instead (that removes {image})"
+            )
     source, dest = str(record["source"]), str(record["destination"])
     storage = PosixStorage()
     if record["phase"] == "switched":
         if not os.path.exists(dest):
             raise UsageError(
-                message=f"the journal {journal_path(image)} says the disk moved to {dest}, "
+                message=f"the journal {journal_path(source)} says the disk moved to {dest}, "
                 "but that file is missing; nothing was changed"
             )
         if os.path.exists(source) and not record.get("keep_source", False):
             storage.remove(source)
+        storage.mark_complete(dest)
         storage.clear_journal(source)
         return dest, f"found a finished move of {source} to {dest}: serving {dest}"
-    if os.path.exists(dest):
+    if read_marker(dest) == source:
         storage.remove(dest)
+        done = "removed the partial destination"
+    else:
+        done = "its destination was never created"
     storage.clear_journal(source)
-    return source, (
-        f"found an unfinished move of {source} to {dest}: removed the partial destination, "
-        f"serving {source}"
-    )
+    return source, f"found an unfinished move of {source} to {dest}: {done}, serving {source}"
 
 
 def open_locked(image: str) -> PosixFile:

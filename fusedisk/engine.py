@@ -196,16 +196,17 @@ class Disk:
         self.check_can_move(dest)
         self._starting = True  # until mirroring is on: a second request is refused meanwhile
         try:
-            dest_file = await trio.to_thread.run_sync(
-                self.storage.create, dest, self.primary.size(), self.primary
-            )
+            # The journal first: after a crash at any point from here, it leads to the
+            # destination (if it was created) and to its removal.
+            record: dict[str, Any] = {"phase": "mirroring", "source": source}
+            record.update(destination=dest, keep_source=keep_source)
+            await trio.to_thread.run_sync(self.storage.write_journal, source, record)
             try:
-                record: dict[str, Any] = {"phase": "mirroring", "source": source}
-                record.update(destination=dest, keep_source=keep_source)
-                await trio.to_thread.run_sync(self.storage.write_journal, source, record)
+                dest_file = await trio.to_thread.run_sync(
+                    self.storage.create, dest, self.primary.size(), self.primary, source
+                )
             except BaseException:
-                dest_file.close()
-                self.storage.remove(dest)
+                self.storage.clear_journal(source)
                 raise
         finally:
             self._starting = False

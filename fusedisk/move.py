@@ -293,6 +293,7 @@ async def _finish(disk: Disk, move: Move) -> None:
     try:
         if move.dest_file is not None:
             move.dest_file.close()
+        await trio.to_thread.run_sync(disk.storage.mark_complete, move.dest)
         if not move.keep_source:
             await trio.to_thread.run_sync(disk.storage.remove, move.source)
             crash_point("source-deleted")

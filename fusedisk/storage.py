@@ -8,6 +8,14 @@ atomically (temp file, fsync, rename, fsync of the directory) so that after a cr
 the old record or the new one, never a torn one.  Its ``phase`` is ``mirroring`` (the source is
 the truth; the destination is partial) or ``switched`` (the destination is the truth; the source
 may still exist and must be deleted).
+
+A marker ``.<name>.fusedisk-partial`` beside a destination, created before it and removed once the
+switch is recorded, proves two things after a crash: that fusedisk created that file (so removing
+it loses nobody's data), and that it is incomplete (so mounting it directly is refused).
+
+Files that decide what gets served or deleted (journal, marker) are trusted only if they are
+regular files, not symlinks, owned by this user and writable by nobody else: the daemon often runs
+as root in directories other users may write.
 """
 
 from __future__ import annotations
@@ -16,18 +24,25 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 from typing import Any, Protocol
 
 from fusedisk.backend import ImageFile, PosixFile, fsync_dir
+from fusedisk.errors import UsageError
 
 
 class Storage(Protocol):
-    def create(self, path: str, size: int, template: ImageFile) -> ImageFile:
-        """Create a new, sparse image of ``size`` bytes with ``template``'s permissions."""
+    def create(self, path: str, size: int, template: ImageFile, source: str) -> ImageFile:
+        """Create a new, sparse destination of ``size`` bytes with ``template``'s permissions,
+        marked as the partial destination of a move from ``source``."""
         ...
 
     def remove(self, path: str) -> None:
-        """Delete an image durably."""
+        """Delete an image (and its partial marker) durably."""
+        ...
+
+    def mark_complete(self, path: str) -> None:
+        """The switch to ``path`` is recorded: drop its partial marker."""
         ...
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:
@@ -47,48 +62,107 @@ class Storage(Protocol):
         ...
 
 
+def _beside(path: str, suffix: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.{suffix}")
+
+
 def journal_path(source: str) -> str:
-    directory, name = os.path.split(os.path.abspath(source))
-    return os.path.join(directory, f".{name}.fusedisk-move")
+    return _beside(source, "fusedisk-move")
+
+
+def marker_path(dest: str) -> str:
+    return _beside(dest, "fusedisk-partial")
+
+
+def _read_trusted_json(path: str) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None if there is no such file; refuses untrusted files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UsageError(message=f"refusing {path}: {e.strerror} (not a plain file?)") from None
+    with os.fdopen(fd, encoding="utf-8") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(message=f"refusing {path}: not a regular file")
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise UsageError(
+                message=f"refusing {path}: not owned by uid {os.getuid()} or writable by others"
+            )
+        try:
+            record = json.load(f)
+        except ValueError:
+            raise UsageError(message=f"refusing {path}: not a fusedisk record") from None
+    if not isinstance(record, dict):
+        raise UsageError(message=f"refusing {path}: not a fusedisk record")
+    return record
 
 
 def read_journal(source: str) -> dict[str, Any] | None:
     """The journal beside ``source``, or None.  A torn file cannot exist (see module doc)."""
-    try:
-        with open(journal_path(source), encoding="utf-8") as f:
-            record: dict[str, Any] = json.load(f)
-    except FileNotFoundError:
+    path = journal_path(source)
+    record = _read_trusted_json(path)
+    if record is None:
         return None
+    if record.get("source") != os.path.abspath(source) or record.get("phase") not in (
+        "mirroring",
+        "switched",
+    ):
+        raise UsageError(message=f"refusing {path}: it does not describe a move of {source}")
     return record
 
 
+def read_marker(dest: str) -> str | None:
+    """The source whose move created ``dest`` and has not switched to it, or None."""
+    record = _read_trusted_json(marker_path(dest))
+    return None if record is None else str(record.get("source"))
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Create ``path`` afresh (never through a symlink) with ``data``, fsynced."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class PosixStorage:
-    def create(self, path: str, size: int, template: ImageFile) -> ImageFile:
-        mode = os.stat(template.path).st_mode & 0o7777
-        image = PosixFile.create_exclusive(path, size, mode)
+    def create(self, path: str, size: int, template: ImageFile, source: str) -> ImageFile:
+        _write_new(marker_path(path), json.dumps({"source": source}).encode() + b"\n")
+        mode = template.stat().st_mode & 0o7777
+        try:
+            image = PosixFile.create_exclusive(path, size, mode)
+        except BaseException:
+            os.unlink(marker_path(path))
+            raise
         fcntl.flock(image.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the served image is locked
         fsync_dir(os.path.dirname(path))
         return image
 
     def remove(self, path: str) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
+        for victim in (path, marker_path(path)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(victim)
         fsync_dir(os.path.dirname(path))
+
+    def mark_complete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker_path(path))
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:
         self.prepare_journal(source, record)
         self.commit_journal(source)
 
     def prepare_journal(self, source: str, record: dict[str, Any]) -> None:
-        temp = journal_path(source) + ".tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps(record, sort_keys=True).encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        data = json.dumps(record, sort_keys=True).encode() + b"\n"
+        _write_new(journal_path(source) + ".tmp", data)
 
     def commit_journal(self, source: str) -> None:
         final = journal_path(source)
@@ -97,6 +171,7 @@ class PosixStorage:
 
     def clear_journal(self, source: str) -> None:
         final = journal_path(source)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(final + ".tmp")
-        self.remove(final)
+        for victim in (final + ".tmp", final):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(victim)
+        fsync_dir(os.path.dirname(final))

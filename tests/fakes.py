@@ -114,20 +114,26 @@ class MemoryStorage:
         self.journal: dict[str, dict[str, Any]] = {}
         self.journal_history: list[dict[str, Any]] = []
         self.prepared: dict[str, dict[str, Any]] = {}
+        self.partial: set[str] = set()  # destinations not yet switched to
         self.on_create: Callable[[str], None] | None = None
         self.on_journal: Callable[[dict[str, Any]], None] | None = None
 
-    def create(self, path: str, size: int, template: ImageFile) -> MemoryFile:
+    def create(self, path: str, size: int, template: ImageFile, source: str) -> MemoryFile:
         if self.on_create:
             self.on_create(path)
         if path in self.files:
             raise FileExistsError(errno.EEXIST, "exists", path)
         file = MemoryFile(path, bytes(size), sparse=True)
         self.files[path] = file
+        self.partial.add(path)
         return file
 
     def remove(self, path: str) -> None:
         self.files.pop(path, None)
+        self.partial.discard(path)
+
+    def mark_complete(self, path: str) -> None:
+        self.partial.discard(path)
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:
         self.prepare_journal(source, record)

@@ -516,12 +516,6 @@ def test_second_mount_during_a_move_changes_nothing(tmp_path: Path) -> None:
     assert not layout.image.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a crash before the switch record, `fusedisk mount DEST` serves the partial "
-    "destination without a word: the journal beside the source is the only record that DEST is "
-    "incomplete, and recover() looks only beside the image it is given",
-)
 def test_mounting_a_partial_destination_after_a_crash_is_refused(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     what = "killed at copy-chunk:1, then DEST mounted"

@@ -102,7 +102,7 @@ async def test_idle_move_copies_each_byte_once_and_keeps_holes() -> None:
         assert dst.allocated.count(1) == 3  # the destination stays sparse
         # The journal said "mirroring", then "switched", then was cleared.
         assert [r["phase"] for r in storage.journal_history] == ["mirroring", "switched"]
-        assert storage.journal == {}
+        assert storage.journal == {} and storage.partial == set()
 
 
 async def test_keep_source() -> None:
@@ -289,7 +289,7 @@ async def test_destination_write_error_while_mirroring_fails_back_and_guest_succ
         await finished(move)
         assert move.phase is Phase.FAILED and "destination write" in (move.error or "")
         assert src.data[:5] == b"guest" and disk.primary is src
-        assert "/dst" not in storage.files and storage.journal == {}
+        assert "/dst" not in storage.files and storage.journal == {} and not storage.partial
         await disk.write(5, b"more")  # the source keeps serving
         assert src.data[:9] == b"guestmore"
 

@@ -289,20 +289,12 @@ def nobody_fusedisk(
     return as_nobody(argv, caps=["dac_read_search"], env=full_env, cwd=home)
 
 
-INHERITED_RUNTIME_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: control.runtime_dir() lets os.makedirs raise PermissionError when "
-    "XDG_RUNTIME_DIR is another user's (as after `su nobody`): cli.main() prints a traceback "
-    "instead of one line (the daemon path only: --foreground checks /dev/fuse first)",
-)
-
-
 @pytest.mark.parametrize(
     ("foreground", "runtime"),
     [
         pytest.param(False, "own", id="daemon-own"),
         pytest.param(True, "own", id="foreground-own"),
-        pytest.param(False, "inherited", id="daemon-inherited", marks=INHERITED_RUNTIME_BUG),
+        pytest.param(False, "inherited", id="daemon-inherited"),
         pytest.param(True, "inherited", id="foreground-inherited"),
     ],
 )
@@ -392,12 +384,6 @@ def plant_as_nobody(kind: str, path: Path, value: str) -> None:
     nobody_python(PLANT, kind, path, value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: daemon.recover() trusts any journal beside the image: one planted by another "
-    "user (owner not checked, source not compared with the image) makes a root `fusedisk mount` "
-    "delete the file it names as destination (or serve it, and delete the image, as 'switched')",
-)
 def test_a_journal_planted_by_another_user_is_not_obeyed(
     shared_images: Path, public_dir: Path
 ) -> None:
@@ -415,13 +401,6 @@ def test_a_journal_planted_by_another_user_is_not_obeyed(
         assert len(lines) == 1 and ".disk.img.fusedisk-move" in lines[0], lines
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: storage.PosixStorage.prepare_journal() (was write_journal) opens "
-    "'.<name>.fusedisk-move.tmp' with O_CREAT|O_TRUNC but no O_NOFOLLOW|O_EXCL: a symlink "
-    "planted there by another user makes a root `fusedisk migrate` truncate and overwrite the "
-    "file it points to",
-)
 def test_a_symlink_planted_as_the_journal_is_not_followed(
     shared_images: Path, public_dir: Path, tmp_path: Path
 ) -> None:
