@@ -46,6 +46,11 @@ class ImageFile(Protocol):
         (fewer only where this file ends).  Blocking: the engine runs it in a thread."""
         ...
 
+    def check_in_place(self) -> None:
+        """Raise OSError unless this open file is still the one its path names (a deleted or
+        replaced destination must never become the disk)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -140,6 +145,23 @@ class PosixFile:
         data = self.pread(length, offset)
         dst.pwrite(data, offset)
         return len(data)
+
+    def check_in_place(self) -> None:
+        mine = os.fstat(self.fd)
+        try:
+            named = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            named = None
+        if (
+            mine.st_nlink == 0
+            or named is None
+            or (named.st_dev, named.st_ino)
+            != (
+                mine.st_dev,
+                mine.st_ino,
+            )
+        ):
+            raise OSError(errno.ENOENT, "the file was deleted or replaced", self.path)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -87,6 +87,10 @@ class Disk:
         await self._enter()
         try:
             return self.primary.pread(size, offset)
+        except OSError as e:
+            if self.mirror is not None:  # a failing source: stop moving, keep serving
+                self._mirror_failed(f"source read at offset {offset} failed: {e}")
+            raise
         finally:
             self._leave()
 

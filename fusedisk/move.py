@@ -270,12 +270,14 @@ async def _switch(disk: Disk, move: Move) -> None:
         "keep_source": move.keep_source,
     }
     await trio.to_thread.run_sync(disk.storage.prepare_journal, move.source, record)
+    await trio.to_thread.run_sync(dest.check_in_place)
     move.step = "holding I/O"
     async with disk.held_io(drain_timeout=DRAIN_TIMEOUT):
         held = time.perf_counter()
         if move.error is not None:  # a mirrored write failed just before the hold
             return
         crash_point("switch-held")
+        dest.check_in_place()
         dest.fsync(True)  # inline: I/O is held anyway; only writes since the last flush
         disk.storage.commit_journal(move.source)
         crash_point("switch-recorded")

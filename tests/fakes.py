@@ -21,6 +21,7 @@ class MemoryFile:
         self.data = bytearray(data)
         self.allocated = bytearray(b"\x00" if sparse else b"\x01") * (-(-len(data) // PAGE))
         self.closed = False
+        self.deleted = False  # unlinked behind the engine's back
         self.fsyncs = 0
         self.copied_ranges: list[tuple[int, int]] = []
         # Fault and pause hooks: each runs before the operation it is named for.
@@ -94,6 +95,10 @@ class MemoryFile:
         dst.pwrite(data, offset)
         self.copied_ranges.append((offset, len(data)))
         return len(data)
+
+    def check_in_place(self) -> None:
+        if self.deleted:
+            raise OSError(errno.ENOENT, "the file was deleted or replaced", self.path)
 
     def close(self) -> None:
         self.closed = True

@@ -413,3 +413,27 @@ async def test_illegal_transition_is_refused() -> None:
     move = Move("/a", "/b", rate_limit=0, keep_source=False, verify=False)
     with pytest.raises(Exception, match="illegal move transition idle -> done"):
         move.set_phase(Phase.DONE)
+
+
+async def test_a_deleted_destination_never_becomes_the_disk() -> None:
+    src = image(MiB)
+    async with disk_on(src) as (disk, storage):
+        move = await disk.start_move("/dst", rate_limit=4 * MiB)
+        storage.files["/dst"].deleted = True  # someone unlinked it mid-copy
+        await finished(move)
+        assert move.phase is Phase.FAILED and "deleted" in (move.error or "")
+        assert disk.primary is src
+
+
+async def test_source_read_error_reaches_the_guest_and_fails_back() -> None:
+    src = image(MiB)
+    async with disk_on(src) as (disk, storage):
+        move = await disk.start_move("/dst", rate_limit=256 * 1024)
+        src.on_read = fail_with(errno.EIO)
+        with pytest.raises(OSError) as raised:
+            await disk.read(0, 4096)
+        assert raised.value.errno == errno.EIO
+        src.on_read = None
+        await finished(move)
+        assert move.phase is Phase.FAILED and "source read" in (move.error or "")
+        assert "/dst" not in storage.files
