@@ -310,11 +310,21 @@ async def _finish(disk: Disk, move: Move) -> None:
 
 async def _fail_back(disk: Disk, move: Move) -> None:
     """Stop mirroring, remove the partial destination: the source goes on serving, untouched."""
+    from fusedisk.engine import DRAIN_TIMEOUT
+
     move.step = "failing back"
-    async with disk.held_io():
-        disk.mirror, disk.syncmap = None, None
-    if move.dest_file is not None:
-        move.dest_file.close()
+    disk.mirror, disk.syncmap = None, None  # no new operation touches the destination
+    try:
+        # Wait for operations that still use it (a flush in a thread) before closing it, but
+        # never hold the guest's I/O longer than the bound for a destination that hangs.
+        async with disk.held_io(drain_timeout=DRAIN_TIMEOUT):
+            pass
+        if move.dest_file is not None:
+            move.dest_file.close()
+    except trio.TooSlowError:
+        log.error(
+            "I/O on %s did not end in %s s: its descriptor stays open", move.dest, DRAIN_TIMEOUT
+        )
     try:
         await trio.to_thread.run_sync(disk.storage.remove, move.dest)
         await trio.to_thread.run_sync(disk.storage.clear_journal, move.source)

@@ -437,3 +437,29 @@ async def test_source_read_error_reaches_the_guest_and_fails_back() -> None:
         await finished(move)
         assert move.phase is Phase.FAILED and "source read" in (move.error or "")
         assert "/dst" not in storage.files
+
+
+async def test_a_hung_destination_flush_holds_guest_io_at_most_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A destination whose fsync never returns: the fail-back holds guest I/O for at most the
+    drain bound, then the source serves on."""
+    monkeypatch.setattr("fusedisk.engine.DRAIN_TIMEOUT", 0.3)
+    src = image(MiB)
+    hang = threading.Event()
+    async with disk_on(src) as (disk, storage):
+        move = await disk.start_move("/dst", rate_limit=128 * 1024)
+        dst = storage.files["/dst"]
+        dst.on_fsync = lambda: (hang.wait(WAIT), None)[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(disk.flush)  # stuck in the destination's fsync
+            await trio.sleep(0.05)
+            dst.on_write = fail_with(errno.EIO)
+            await disk.write(0, b"x")  # fails the move back
+            started = trio.current_time()
+            with trio.fail_after(5):
+                await move.finished_event.wait()
+                await disk.write(1, b"y")  # served again
+            assert trio.current_time() - started < 2
+            assert move.phase is Phase.FAILED and src.data[:2] == b"xy"
+            hang.set()
