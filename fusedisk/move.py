@@ -76,7 +76,9 @@ class Move:
         self._cancelled_by_user = False
         self._rate_limit = rate_limit
         self._rate_changed = trio.Event()
-        self._next_slot = 0.0
+        # Rate accounting: bytes copied since ``_budget_since`` may not exceed rate * elapsed.
+        self._budget_since: float | None = None
+        self._budget_bytes = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, copied_bytes) samples
 
     @property
@@ -117,7 +119,7 @@ class Move:
 
     def set_rate_limit(self, rate: int) -> None:
         self._rate_limit = rate
-        self._next_slot = 0.0
+        self._budget_since = None  # a new limit counts from now
         self._rate_changed.set()
         self._rate_changed = trio.Event()
 
@@ -130,8 +132,14 @@ class Move:
         if not self._rate_limit:
             await trio.lowlevel.checkpoint()
             return
-        self._next_slot = max(self._next_slot, now) + nbytes / self._rate_limit
-        with trio.move_on_at(self._next_slot):
+        # Average over time, not per chunk: time a slow chunk took (a busy machine) is credited
+        # to the next ones, up to one second of catching up.
+        if self._budget_since is None or now - self._budget_since > 1.0 + (
+            self._budget_bytes / self._rate_limit
+        ):
+            self._budget_since, self._budget_bytes = now, 0
+        self._budget_bytes += nbytes
+        with trio.move_on_at(self._budget_since + self._budget_bytes / self._rate_limit):
             await self._rate_changed.wait()
 
     def recent_rate(self) -> float:

@@ -445,7 +445,7 @@ async def test_a_hung_destination_flush_holds_guest_io_at_most_the_bound(
     """A destination whose fsync never returns: the fail-back holds guest I/O for at most the
     drain bound, then the source serves on."""
     monkeypatch.setattr("fusedisk.engine.DRAIN_TIMEOUT", 0.3)
-    src = image(MiB)
+    src = image(2 * MiB)  # two chunks: the throttled copier waits seconds before the second
     hang = threading.Event()
     async with disk_on(src) as (disk, storage):
         move = await disk.start_move("/dst", rate_limit=128 * 1024)
