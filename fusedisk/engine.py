@@ -51,6 +51,7 @@ class Disk:
         self._drained: trio.Event | None = None
         self.flushes = 0  # completed guest flushes: proves fsync reaches the daemon
         self._starting = False
+        self.last_io = 0.0
 
     # ---- the I/O gate -------------------------------------------------------------------
 
@@ -58,6 +59,7 @@ class Disk:
         while self._resume is not None:
             await self._resume.wait()
         self._inflight += 1
+        self.last_io = trio.current_time()  # the copier gives way while the guest is busy
 
     def _leave(self) -> None:
         self._inflight -= 1

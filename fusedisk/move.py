@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # the copier's unit: one range held, one thread hand-off
+# While the guest did I/O in the last GUEST_BUSY_WINDOW seconds, the copier pauses GIVE_WAY times
+# as long as each chunk took: measured in docs/benchmarks.md ("copier giving way").
+# FUSEDISK_GIVE_WAY tunes it (0: copy flat out, as fast as the machine allows).
+GUEST_BUSY_WINDOW = 0.02
+GIVE_WAY = float(os.environ.get("FUSEDISK_GIVE_WAY", "1.0"))
 
 
 class Phase(enum.Enum):
@@ -218,6 +224,7 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
         end = min(source.next_hole(cursor), cursor + CHUNK, size)
         end = max(min(-(-end // PAGE) * PAGE, size), min(cursor + PAGE, size))
         copied = 0
+        chunk_started = trio.current_time()
         with disk.locks.hold(cursor, end):
             runs = syncmap.unsynced_runs(cursor, end)
             move.synced_by_writes_bytes += (end - cursor) - sum(b - a for a, b in runs)
@@ -229,6 +236,10 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
             syncmap.mark_synced(cursor, end)
         move.cursor = end
         await move._throttle(copied)  # the limit is on bytes copied, not on bytes skipped
+        if copied and trio.current_time() - disk.last_io < GUEST_BUSY_WINDOW:
+            # The guest is doing I/O: leave it the CPU for as long as the copy took (the
+            # copier and the daemon's one thread share two cores with the VM).
+            await trio.sleep((trio.current_time() - chunk_started) * GIVE_WAY)
 
 
 def _digest(image: ImageFile, offset: int, length: int) -> bytes:
