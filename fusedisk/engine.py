@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -107,24 +107,31 @@ class Disk:
         return len(data)
 
     def _write_both(self, offset: int, data: bytes) -> None:
-        mirror, syncmap = self.mirror, self.syncmap
+        if self._apply_both(lambda f: f.pwrite(data, offset), f"write at offset {offset}"):
+            assert self.syncmap is not None and self.move is not None
+            self.syncmap.mark_written(offset, offset + len(data))
+            self.move.mirrored_bytes += len(data)
+
+    def _apply_both(self, operation: Callable[[ImageFile], None], what: str) -> bool:
+        """Apply ``operation`` to the source, then, while mirroring, to the destination; return
+        True if it reached both.  A source error is the guest's (raised) and fails the move back;
+        a destination error fails the move back and is not the guest's: the source, which stays
+        authoritative, has the change.  Synchronous, so nothing interleaves."""
+        mirror = self.mirror
         try:
-            self.primary.pwrite(data, offset)
+            operation(self.primary)
         except OSError as e:
             if mirror is not None:
-                self._mirror_failed(f"source write at offset {offset} failed: {e}")
+                self._mirror_failed(f"source {what} failed: {e}")
             raise
-        if mirror is None or syncmap is None:
-            return
+        if mirror is None:
+            return False
         try:
-            mirror.pwrite(data, offset)
+            operation(mirror)
         except OSError as e:
-            # The write is on the source, which stays authoritative: the guest sees success.
-            self._mirror_failed(f"destination write at offset {offset} failed: {e}")
-            return
-        syncmap.mark_written(offset, offset + len(data))
-        assert self.move is not None
-        self.move.mirrored_bytes += len(data)
+            self._mirror_failed(f"destination {what} failed: {e}")
+            return False
+        return True
 
     async def truncate(self, size: int) -> None:
         await self._enter()
@@ -132,21 +139,9 @@ class Disk:
             if self.mirror is not None:
                 # A shrink must not race the copier writing old bytes past the new end.
                 await self.locks.wait_unlocked(min(size, self.primary.size()), math.inf)
-            mirror, syncmap = self.mirror, self.syncmap
-            try:
-                self.primary.truncate(size)
-            except OSError as e:
-                if mirror is not None:
-                    self._mirror_failed(f"source truncate to {size} failed: {e}")
-                raise
-            if mirror is None or syncmap is None:
-                return
-            try:
-                mirror.truncate(size)
-            except OSError as e:
-                self._mirror_failed(f"destination truncate to {size} failed: {e}")
-                return
-            syncmap.resize(size)
+            if self._apply_both(lambda f: f.truncate(size), f"truncate to {size}"):
+                assert self.syncmap is not None
+                self.syncmap.resize(size)
         finally:
             self._leave()
 
