@@ -107,12 +107,12 @@ class Disk:
         return len(data)
 
     def _write_both(self, offset: int, data: bytes) -> None:
-        if self._apply_both(lambda f: f.pwrite(data, offset), f"write at offset {offset}"):
+        if self._apply_both(lambda f: f.pwrite(data, offset), "write at offset", offset):
             assert self.syncmap is not None and self.move is not None
             self.syncmap.mark_written(offset, offset + len(data))
             self.move.mirrored_bytes += len(data)
 
-    def _apply_both(self, operation: Callable[[ImageFile], None], what: str) -> bool:
+    def _apply_both(self, operation: Callable[[ImageFile], None], what: str, where: int) -> bool:
         """Apply ``operation`` to the source, then, while mirroring, to the destination; return
         True if it reached both.  A source error is the guest's (raised) and fails the move back;
         a destination error fails the move back and is not the guest's: the source, which stays
@@ -122,14 +122,14 @@ class Disk:
             operation(self.primary)
         except OSError as e:
             if mirror is not None:
-                self._mirror_failed(f"source {what} failed: {e}")
+                self._mirror_failed(f"source {what} {where} failed: {e}")
             raise
         if mirror is None:
             return False
         try:
             operation(mirror)
         except OSError as e:
-            self._mirror_failed(f"destination {what} failed: {e}")
+            self._mirror_failed(f"destination {what} {where} failed: {e}")
             return False
         return True
 
@@ -139,7 +139,7 @@ class Disk:
             if self.mirror is not None:
                 # A shrink must not race the copier writing old bytes past the new end.
                 await self.locks.wait_unlocked(min(size, self.primary.size()), math.inf)
-            if self._apply_both(lambda f: f.truncate(size), f"truncate to {size}"):
+            if self._apply_both(lambda f: f.truncate(size), "truncate to", size):
                 assert self.syncmap is not None
                 self.syncmap.resize(size)
         finally:

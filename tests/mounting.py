@@ -21,7 +21,9 @@ from typing import Any
 MOUNT_TIMEOUT = 30.0
 
 
-def fusedisk(*args: str | Path, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+def fusedisk(
+    *args: str | Path, timeout: float = 300.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the fusedisk CLI exactly as a user would (not checked: tests look at the result)."""
     return subprocess.run(
         [sys.executable, "-m", "fusedisk", *map(str, args)],
@@ -29,6 +31,7 @@ def fusedisk(*args: str | Path, timeout: float = 300.0) -> subprocess.CompletedP
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 

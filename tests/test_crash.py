@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import mounted, random_image, wait_mounted
+from tests.mounting import fusedisk, mounted, random_image, wait_mounted
 
 pytestmark = pytest.mark.mount
 
@@ -175,14 +175,7 @@ def clean_env() -> dict[str, str]:
 
 def cli(*args: str | Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``fusedisk`` as a user would, with no failpoint armed."""
-    return subprocess.run(
-        [sys.executable, "-m", "fusedisk", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env=clean_env(),
-    )
+    return fusedisk(*args, timeout=timeout, env=clean_env())
 
 
 def is_mounted(mountpoint: Path) -> bool:
