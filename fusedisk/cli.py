@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from fusedisk.control import request, runtime_dir
+from fusedisk.control import STATUS_NAME, request, runtime_dir
 from fusedisk.errors import FusediskError, MoveFailed, UsageError
 from fusedisk.units import human, parse_size
 
@@ -40,6 +40,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
     if "/" in config.name or config.name in ("", ".", ".."):
         raise UsageError(message=f"--name {config.name!r} is not a plain file name")
+    if config.name == STATUS_NAME:
+        raise UsageError(message=f"--name {STATUS_NAME} is the mount's status file; choose another")
     if not args.foreground:
         return _spawn_daemon(args, mountpoint, runtime_name(mountpoint))
 

@@ -2,9 +2,9 @@
 
 Security: the socket lives in a private directory (mode 0700, owned by the daemon's user), is
 itself mode 0600, and every connection's peer uid (SO_PEERCRED) must be the daemon's own: only the
-mount's owner can query or steer it.  The CLI finds the socket through the mount itself, in the
-``user.fusedisk.control`` extended attribute of MOUNTPOINT, which only the owner can read because
-the mount is not ``allow_other``.
+mount's owner can query or steer it.  The CLI recognises a fusedisk mount by its type in
+/proc/self/mountinfo (``fuse.fusedisk``) and finds the socket in the mount's status file
+(``MOUNTPOINT/.status``), which only the owner can read unless the mount is ``allow_other``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import struct
@@ -27,7 +28,8 @@ from fusedisk.errors import ControlError, FusediskError, NotMounted, StaleMount
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-CONTROL_XATTR = "user.fusedisk.control"
+FSTYPE = "fuse.fusedisk"  # the type in /proc/self/mountinfo: fuse.SUBTYPE
+STATUS_NAME = ".status"  # the status file in the mount: found by name, never listed
 MAX_REQUEST = 1 << 16
 
 
@@ -117,22 +119,63 @@ async def _reply(stream: trio.SocketStream, reply: dict[str, Any]) -> None:
 # ---- the client side (blocking; used by the CLI) -----------------------------------------
 
 
-def control_socket(mountpoint: str) -> str:
-    """The control socket of the fusedisk daemon serving ``mountpoint``."""
+def mount_type(mountpoint: str) -> str | None:
+    """The filesystem type mounted at ``mountpoint`` (the topmost mount), from
+    /proc/self/mountinfo: unlike a stat, it answers for a stale mount too."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index("-")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+            if point == target:
+                found = fields[separator + 1]
+    return found
+
+
+def status_path(mountpoint: str) -> str:
+    return os.path.join(mountpoint, STATUS_NAME)
+
+
+def read_status(mountpoint: str) -> dict[str, Any]:
+    """The live status of the fusedisk mount at ``mountpoint``, read from its status file.
+
+    Raises NotMounted unless a fusedisk mount is there, StaleMount if its daemon is gone."""
+    kind = mount_type(mountpoint)
+    if kind != FSTYPE:
+        if not os.path.lexists(mountpoint):
+            reason = "no such file or directory"
+        elif not os.path.isdir(mountpoint):
+            reason = "not a directory"
+        else:
+            reason = "not a mount point" if kind is None else f"a {kind} mount"
+        raise NotMounted(path=mountpoint, reason=reason)
     try:
-        return os.getxattr(mountpoint, CONTROL_XATTR).decode()
+        with open(status_path(mountpoint), "rb") as f:
+            status: dict[str, Any] = json.loads(f.read())
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise StaleMount(path=mountpoint) from None
-        if e.errno == errno.ENOENT:
-            raise NotMounted(path=mountpoint, reason="no such file or directory") from None
-        reason = "not served by fusedisk" if os.path.isdir(mountpoint) else "not a directory"
-        raise NotMounted(path=mountpoint, reason=reason) from None
+        raise NotMounted(path=mountpoint, reason=f"its status: {e.strerror}") from None
+    return status
+
+
+def control_socket(mountpoint: str) -> str:
+    """The control socket of the fusedisk daemon serving ``mountpoint``."""
+    return str(read_status(mountpoint)["control"])
 
 
 def request(mountpoint: str, command: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    """Send one command; return the reply, or raise ControlError with the daemon's message."""
-    path = control_socket(mountpoint)
+    """Send one command to the daemon serving ``mountpoint``; see :func:`ask`."""
+    return ask(control_socket(mountpoint), command, timeout, mountpoint)
+
+
+def ask(
+    path: str, command: dict[str, Any], timeout: float = 30.0, mountpoint: str = "the mount"
+) -> dict[str, Any]:
+    """Send one command to the control socket ``path``; return the reply, or raise ControlError
+    with the daemon's message.  Touches nothing in the mount (request counts stay exact)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)

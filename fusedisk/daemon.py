@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import signal
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from fusedisk.backend import PosixFile
 from fusedisk.control import runtime_dir, serve_control
 from fusedisk.engine import Disk
 from fusedisk.errors import MoveRefused, UsageError
-from fusedisk.fs import DiskOperations
+from fusedisk.fs import DiskOperations, forget_file_attributes
 from fusedisk.storage import PosixStorage, journal_path, read_journal, read_marker
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Daemon:
         self.config = config
         self.disk = disk
         self.control_path = control_path
+        self.requests: Counter[str] = Counter()  # FUSE requests served, by operation
         self._migrate_lock = trio.Lock()
 
     def facts(self) -> dict[str, Any]:
@@ -111,6 +113,7 @@ class Daemon:
             mountpoint=self.config.mountpoint,
             name=self.config.name,
             control=self.control_path,
+            requests=dict(self.requests),
         )
         return status
 
@@ -191,9 +194,10 @@ async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
     try:
         async with trio.open_nursery() as nursery:
             disk = Disk(image, PosixStorage(), nursery)
+            disk.on_primary_changed = forget_file_attributes
             daemon = Daemon(config, disk, control_path)
             await nursery.start(serve_control, control_path, daemon.handle)
-            ops = DiskOperations(disk, config.name, daemon.facts)
+            ops = DiskOperations(disk, config.name, daemon.facts, daemon.requests)
             options = set(pyfuse3.default_options) | {"fsname=fusedisk", "subtype=fusedisk"}
             if config.allow_other:
                 options.add("allow_other")

@@ -52,6 +52,9 @@ class Disk:
         self.flushes = 0  # completed guest flushes: proves fsync reaches the daemon
         self._starting = False
         self.last_io = 0.0
+        # Called once another file serves the disk: the FUSE layer drops the kernel's cached
+        # attributes (they describe the old file's blocks and times).
+        self.on_primary_changed: Callable[[], None] = lambda: None
 
     # ---- the I/O gate -------------------------------------------------------------------
 

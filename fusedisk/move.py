@@ -305,6 +305,7 @@ async def _switch(disk: Disk, move: Move) -> None:
         move.switched = True
         move.switch_pause_ms = round((time.perf_counter() - held) * 1000, 3)
     log.info("switched to %s after a %.3f ms pause", move.dest, move.switch_pause_ms)
+    disk.on_primary_changed()
     move.dest_file = old  # from here on, the file to close and delete is the old source
 
 

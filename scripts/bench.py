@@ -1,375 +1,256 @@
 #!/usr/bin/env python3
-"""Data-path benchmark: fio against the raw file, a fusedisk mount and qemu-storage-daemon.
+"""fusedisk's benchmarks, one subcommand each; run as root with the venv's interpreter:
 
-    .venv/bin/python scripts/bench.py [--runtime 10] [--reps 3] [--json results.json]
+    .venv/bin/python scripts/bench.py datapath|move|guest|memory [options] [--json FILE]
 
-In one run, on identical non-sparse images (1 GiB by default) in --dir, fio (libaio, direct=1)
-runs each job against every target, interleaved per repetition (raw, fusedisk, qsd, raw, ...) so
-that the machine's noise hits all targets alike; medians over the repetitions are compared as
-ratios.  Jobs: 4 KiB random read and write at iodepth 16, 1 MiB sequential read and write at
-iodepth 8.  Targets:
+  datapath  fio on the host against each contender, one mount each
+  move      live moves, idle and under a writer, against cp, qsd and the floors (bench_move.py)
+  guest     fio inside a QEMU guest on each contender, idle and during a move (bench_guest.py)
+  memory    the fusedisk daemon's peak RSS across a move, by image size
 
-    raw        the backing file itself (O_DIRECT to the disk under --dir)
-    fusedisk   `fusedisk mount` of an identical file: MOUNT/disk
-    qsd        qemu-storage-daemon's FUSE export of an identical file (see shared/GUEST.md)
-
-A target may carry FUSE connection tunables, set through fusectl after mounting, to test them
-side by side, for example ``fusedisk@max_background=64+congestion_threshold=48``.  Ratios are
-always fusedisk/qsd and fusedisk/raw of the plain targets; a tuned variant is shown against its
-plain one.  ``--profile DIR`` then runs each job once more on fusedisk under py-spy and prints
-the top frames.  Everything started is stopped and unmounted on exit, error, Ctrl-C or SIGTERM.
+Contenders (benchlib.CONTENDERS): raw (the image file), floor (scripts/floor.py, a bare pyfuse3
+passthrough: what the library costs), floor-mirror (floor.py writing every write to a second
+file too: the floor during a move), fusedisk, qsd (qemu-storage-daemon's FUSE export), qsd-nbd
+(its NBD export), fusedisk-move and qsd-move (measured while their image moves), cp. Each
+repetition runs every contender once, interleaved (a, b, c, a, b, c, ...), so the machine's
+noise hits all alike; tables show medians, and ratios as median/median with the per-repetition
+ratios in brackets. Every subcommand prints markdown tables; --json FILE writes them with every
+run's figures, the machine and the code measured. Everything started is stopped, unmounted and
+removed on exit, error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import json
-import math
+import inspect
 import os
+import signal
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
+import bench_guest
+import bench_move
 import benchlib as bl
+from benchlib import CONTENDERS, JOBS, MiB, Run, Table
+
+from fusedisk.units import parse_size
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+Result = tuple[list[Table], dict[str, Any]]
+Runner = Callable[[argparse.Namespace], Result]
+WHERE = "where images, mounts and sockets go, all removed afterwards (%(default)s)"
+SUMMARIES = {
+    "datapath": "fio on the host against each contender, one mount each",
+    "move": "live moves, idle and under a writer, against cp, qsd and the floors",
+    "guest": "fio inside a QEMU guest on each contender, idle and during a move",
+    "memory": "the fusedisk daemon's peak RSS across a move, by image size",
+}
 
 
-@dataclass(frozen=True)
-class Job:
-    name: str
-    rw: str
-    bs: str
-    iodepth: int
-    metric: str  # "iops" or "mibs": what the target ratio is judged on
-    target: float  # minimum fusedisk/qsd ratio
-
-    @property
-    def direction(self) -> str:
-        return "read" if "read" in self.rw else "write"
+# ---- datapath ---------------------------------------------------------------------------------
 
 
-JOBS = (
-    Job("4k-randread-qd16", "randread", "4k", 16, "iops", 0.5),
-    Job("4k-randwrite-qd16", "randwrite", "4k", 16, "iops", 0.9),
-    Job("1m-seqread-qd8", "read", "1M", 8, "mibs", 1.0),
-    Job("1m-seqwrite-qd8", "write", "1M", 8, "mibs", 0.8),
-)
-TUNABLES = ("max_background", "congestion_threshold")
+def datapath(args: argparse.Namespace) -> Result:
+    """fio (libaio, O_DIRECT) on each contender's file, all served at once; each repetition
+    runs every job on every contender in turn. A contender such as
+    fusedisk@max_background=64+congestion_threshold=48 has those FUSE connection tunables set
+    through fusectl, and is shown against the plain one."""
+    jobs = [j for j in JOBS if j.name in args.jobs.split(",")]
+    served: dict[str, bl.Served] = {}
+    with ExitStack() as stack:
+        for i, spec in enumerate(args.contenders):
+            name, _, tunables = spec.partition("@")
+            image = bl.scratch(stack, args.dir / f"c{i}-{name}.img")
+            bl.make_image(image, args.size * MiB)
+            served[spec] = CONTENDERS[name].serve(stack, image, args.dir)
+            if tunables:
+                set_tunables(stack, served[spec].file, tunables)
+            bl.warm(image)
+
+        def one(entry: str) -> Run:  # "JOB CONTENDER"
+            job, name = entry.split()
+            return fio_job(args, next(j for j in jobs if j.name == job), served[name])
+
+        def describe(r: Run) -> str:
+            return f"{r['iops']:.0f} IOPS, {r['mibs']:.1f} MiB/s, p99 {r['p99_ms']:.2f} ms"
+
+        plan = [f"{job.name} {name}" for job in jobs for name in args.contenders]
+        runs = bl.interleave(args.reps, plan, one, describe)
+        profiles: dict[str, Any] = {}
+        for job in jobs if args.profile and "fusedisk" in served else []:
+            raw = args.profile / f"datapath-{job.name}.pyspy.txt"
+            with bl.profiled(served["fusedisk"].pid, raw, args.native) as profiles[job.name]:
+                figures = fio_job(args, job, served["fusedisk"])
+            profiles[job.name]["fio_under_profiler"] = figures
+    return datapath_tables(args, jobs, runs, profiles), {"runs": runs, "profiles": profiles}
 
 
-@dataclass
-class Target:
-    label: str
-    kind: str  # raw, fusedisk or qsd
-    tunables: dict[str, int]
-    image: Path = Path()
-    file: Path = Path()
-    pid: int | None = None  # the serving daemon, for CPU accounting and profiling
-    defaults: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, spec: str) -> Target:
-        kind, _, rest = spec.partition("@")
-        if kind not in ("raw", "fusedisk", "qsd"):
-            raise ValueError(f"unknown target {kind!r} (raw, fusedisk, qsd)")
-        tunables: dict[str, int] = {}
-        for item in filter(None, rest.split("+")):
-            key, _, value = item.partition("=")
-            if key not in TUNABLES or kind == "raw":
-                raise ValueError(f"{spec}: tunables are {', '.join(TUNABLES)}, on FUSE targets")
-            tunables[key] = int(value)
-        return cls(spec, kind, tunables)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--dir",
-        type=Path,
-        default=Path("/var/tmp/fusedisk-bench"),
-        help="where images and mounts go (default: %(default)s)",
-    )
-    p.add_argument("--size", type=int, default=1024, help="image size in MiB (default: 1024)")
-    p.add_argument("--runtime", type=float, default=10, help="seconds per fio job (default: 10)")
-    p.add_argument("--ramp", type=float, default=1, help="fio ramp_time seconds (default: 1)")
-    p.add_argument("--reps", type=int, default=3, help="repetitions (default: 3)")
-    p.add_argument("--targets", default="raw,fusedisk,qsd", help="default: %(default)s")
-    p.add_argument("--jobs", default=",".join(j.name for j in JOBS), help="default: all")
-    p.add_argument("--json", type=Path, help="write the results here as JSON")
-    p.add_argument(
-        "--profile",
-        type=Path,
-        metavar="DIR",
-        help="afterwards, py-spy each job on fusedisk; raw profiles go to DIR",
-    )
-    p.add_argument(
-        "--native",
-        action="store_true",
-        help="profile C frames too (pyfuse3, syscalls); py-spy then pauses the daemon to sample",
-    )
-    return p.parse_args(argv)
-
-
-# ---- running ------------------------------------------------------------------------------
-
-
-def setup_targets(args: argparse.Namespace, cleanup: bl.Cleanup, targets: list[Target]) -> None:
-    size = args.size * bl.MiB
-    if any(t.tunables for t in targets):
-        bl.ensure_fusectl(cleanup)
-    for i, t in enumerate(targets):
-        t.image = args.dir / f"t{i}-{t.kind}.img"
-        cleanup.push(f"image {t.image}", functools.partial(bl.remove, t.image))
-        bl.log(f"writing {size >> 20} MiB non-sparse image {t.image}")
-        bl.make_image(t.image, size)
-        if t.kind == "raw":
-            t.file = t.image
-        elif t.kind == "fusedisk":
-            mount = bl.mount_fusedisk(cleanup, t.image, args.dir / f"t{i}-mnt")
-            t.file, t.pid = mount.file, mount.pid
-        else:
-            qsd = bl.start_qsd(cleanup, t.image, args.dir / f"t{i}-qsd.export", args.dir)
-            t.file, t.pid = qsd.file, qsd.proc.pid
-        if t.kind != "raw":
-            bl.ensure_fusectl(cleanup)
-            t.defaults = bl.read_tunables(t.file)
-            if t.tunables:
-                bl.set_tunables(t.file, t.tunables)
-        bl.warm(t.image)
-        bl.log(f"target {t.label}: {t.file} (FUSE defaults {t.defaults or '-'})")
-
-
-def fio_args(job: Job, file: Path, runtime: float, ramp: float) -> list[str]:
-    return [
-        f"--name={job.name}",
-        f"--filename={file}",
-        "--ioengine=libaio",
-        "--direct=1",
-        f"--rw={job.rw}",
-        f"--bs={job.bs}",
-        f"--iodepth={job.iodepth}",
-        "--numjobs=1",
-        f"--runtime={runtime:g}",
-        f"--ramp_time={ramp:g}",
-        "--time_based=1",
-        "--randrepeat=0",
-    ]
-
-
-def run_one(job: Job, target: Target, runtime: float, ramp: float) -> dict[str, Any]:
-    os.sync()  # start every run with no dirty pages from the one before
-    cpu0 = bl.cpu_seconds(target.pid) if target.pid else 0.0
-    machine0 = bl.cpu_times()
-    t0 = time.monotonic()
-    out = bl.run_fio(fio_args(job, target.file, runtime, ramp), timeout=runtime + ramp + 120)
+def fio_job(args: argparse.Namespace, job: bl.Job, served: bl.Served) -> Run:
+    """One fio run, with the serving daemon's CPU and the whole machine's over it."""
+    os.sync()  # no dirty pages from the run before
+    pid, machine0, t0 = served.pid, bl.cpu_times(), time.monotonic()
+    cpu0 = bl.cpu_seconds(pid) if pid else 0.0
+    fio = [*job.args(served.file), *bl.fio_timing(args.runtime, args.ramp)]
+    r = bl.job_figures(bl.run_fio(fio, args.runtime + args.ramp + 120), [job])[job.name]
     wall = time.monotonic() - t0
-    cpu = bl.cpu_seconds(target.pid) - cpu0 if target.pid else 0.0
-    machine_busy = bl.busy_fraction(machine0, bl.cpu_times())
-    job_out = out["jobs"][0]
-    stats = job_out[job.direction]
-    ios = stats["total_ios"]  # measured part only (after ramp)
-    clat = stats.get("clat_ns", {}).get("percentile", {})
-    return {
-        "iops": stats["iops"],
-        "mibs": stats["bw_bytes"] / bl.MiB,
-        "p99_us": clat.get("99.000000", 0) / 1000,
-        "ios": ios,
-        # Daemon CPU over the whole fio run (ramp included) per request of the whole run.
-        "daemon_cpu_s": round(cpu, 3),
-        "daemon_cpu_util": round(cpu / wall, 3) if target.pid else None,
-        "fio_cpu_util": round((job_out["usr_cpu"] + job_out["sys_cpu"]) / 100, 3),
-        # Both cores busy: 1.0.  Other users of this shared machine count too.
-        "machine_busy": round(machine_busy, 3),
-        "daemon_cpu_us_per_io": round(cpu * 1e6 / max(1.0, stats["iops"] * wall), 2)
-        if target.pid
-        else None,
-    }
+    r["machine_busy"] = bl.busy(machine0, bl.cpu_times())  # 1.0: both cores, anyone's
+    if pid:  # over the whole run, ramp included
+        cpu = bl.cpu_seconds(pid) - cpu0
+        r["daemon_cores"] = round(cpu / wall, 3)
+        r["daemon_us_per_io"] = round(cpu * 1e6 / max(1.0, r["iops"] * wall), 1)
+    return r
 
 
-def measure(args: argparse.Namespace, jobs: list[Job], targets: list[Target]) -> dict[str, Any]:
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        j.name: {t.label: [] for t in targets} for j in jobs
-    }
-    total = len(jobs) * args.reps * len(targets)
-    done = 0
+def set_tunables(stack: ExitStack, file: Path, tunables: str) -> None:
+    if not bl.is_mounted(FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=True)
+        bl.on_exit(stack, "umount fusectl", subprocess.run, ["umount", str(FUSECTL)])
+    connection = FUSECTL / str(os.stat(file).st_dev)
+    for item in tunables.split("+"):
+        key, _, number = item.partition("=")
+        bl.log(f"{file}: {key} {(connection / key).read_text().strip()} -> {number}")
+        (connection / key).write_text(f"{int(number)}\n")
+
+
+def datapath_tables(
+    args: argparse.Namespace, jobs: list[bl.Job], runs: dict[str, Any], profiles: dict[str, Any]
+) -> list[Table]:
+    def figures(name: str, job: bl.Job) -> list[float]:
+        return bl.values(runs.get(f"{job.name} {name}", []), job.metric)
+
+    main = bl.idle_table(
+        f"Data path: fio libaio direct=1, {args.size} MiB images, {args.runtime:g} s + "
+        f"{args.ramp:g} s ramp, medians of {args.reps} (IOPS for 4 KiB, MiB/s for 1 MiB; "
+        "a tuned contender's ratio to the plain one in brackets)",
+        args.contenders,
+        jobs,
+        figures,
+    )
+    cpu = Table(
+        "Where the CPU goes (medians): the serving daemon's CPU per request and in cores, "
+        "fio's own, and how busy the 2-core machine was (anyone's load)",
+        ["job", "contender", "p99 (ms)", "daemon us/io", "daemon cores", "fio cores", "busy"],
+    )
+    keys = ("p99_ms", "daemon_us_per_io", "daemon_cores", "fio_cores", "machine_busy")
     for job in jobs:
-        for rep in range(args.reps):
-            for target in targets:  # interleaved: a, b, c, a, b, c, ...
-                done += 1
-                r = run_one(job, target, args.runtime, args.ramp)
-                runs[job.name][target.label].append(r)
-                bl.log(
-                    f"[{done}/{total}] {job.name} rep {rep + 1} {target.label}: "
-                    f"{r['iops']:.0f} IOPS {r['mibs']:.1f} MiB/s p99 {r['p99_us']:.0f} us"
-                )
-    return runs
+        for name in args.contenders:
+            cpu.add(job.name, name, *(bl.med(runs[f"{job.name} {name}"], key) for key in keys))
+    profile_tables = [bl.profile_table(f"fusedisk during {j}", p) for j, p in profiles.items()]
+    return [main, cpu, *profile_tables]
 
 
-# ---- reporting ----------------------------------------------------------------------------
+# ---- memory -----------------------------------------------------------------------------------
 
 
-def _ratio(per: dict[str, Any], job: Job, a: str, b: str) -> float | None:
-    if a not in per or b not in per:
-        return None
-    return bl.ratio(per[a][job.metric], per[b][job.metric])
+def memory(args: argparse.Namespace) -> Result:
+    """Peak RSS (VmHWM) of the fusedisk daemon before and after moving a sparse image that
+    holds 64 MiB of random data, for each size."""
+    table = Table("fusedisk daemon, peak RSS", ["image", "before the move (KiB)", "after (KiB)"])
+    for size in args.sizes:
+        with ExitStack() as stack:
+            image = bl.scratch(stack, args.dir / f"rss-{size}.img")
+            with open(image, "wb") as f:
+                f.truncate(parse_size(size))
+                f.seek(100 * MiB)
+                f.write(os.urandom(64 * MiB))
+            served = bl.serve_fusedisk(stack, image, args.dir)
+            before = peak_rss_kib(served.pid)
+            move = bl.FusediskMove(stack, served, args.dir / f"rss-{size}.dest", 0)
+            move.start(0)
+            move.wait()
+            table.add(size, str(before), str(peak_rss_kib(served.pid)))
+    return [table], {}
 
 
-def _rep_ratios(per: dict[str, Any], job: Job, a: str, b: str) -> list[float]:
-    if a not in per or b not in per:
-        return []
-    pairs = zip(per[a]["runs"], per[b]["runs"], strict=True)
-    return [round(bl.ratio(x[job.metric], y[job.metric]), 3) for x, y in pairs]
+def peak_rss_kib(pid: int | None) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-def summarize(
-    jobs: list[Job], targets: list[Target], runs: dict[str, dict[str, list[dict[str, Any]]]]
-) -> list[dict[str, Any]]:
-    rows = []
-    for job in jobs:
-        row: dict[str, Any] = {"job": job.name, "metric": job.metric, "target_ratio": job.target}
-        per: dict[str, Any] = {}
-        for t in targets:
-            rs = runs[job.name][t.label]
-            per[t.label] = {
-                "iops": bl.median(r["iops"] for r in rs),
-                "mibs": bl.median(r["mibs"] for r in rs),
-                "p99_us": bl.median(r["p99_us"] for r in rs),
-                **{
-                    key: bl.median(r[key] for r in rs if r[key] is not None)
-                    for key in (
-                        "daemon_cpu_us_per_io",
-                        "daemon_cpu_util",
-                        "fio_cpu_util",
-                        "machine_busy",
-                    )
-                },
-                "runs": rs,
-            }
-        row["targets"] = per
-
-        row["fusedisk/qsd"] = _ratio(per, job, "fusedisk", "qsd")
-        row["fusedisk/qsd_per_rep"] = _rep_ratios(per, job, "fusedisk", "qsd")
-        row["fusedisk/raw"] = _ratio(per, job, "fusedisk", "raw")
-        row["qsd/raw"] = _ratio(per, job, "qsd", "raw")
-        row["variants"] = {
-            t.label: _ratio(per, job, t.label, t.kind)
-            for t in targets
-            if t.tunables and t.kind in per
-        }
-        fq = row["fusedisk/qsd"]
-        row["verdict"] = (
-            "n/a" if fq is None or math.isnan(fq) else ("PASS" if fq >= job.target else "MISS")
-        )
-        rows.append(row)
-    return rows
+# ---- command line -----------------------------------------------------------------------------
 
 
-def fmt(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+def parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True)
 
+    def command(name: str, run: Runner, reps: int, doc: str | None) -> argparse.ArgumentParser:
+        doc = inspect.cleandoc(doc or "")
+        s = sub.add_parser(name, description=doc, formatter_class=fmt, help=SUMMARIES[name])
+        s.set_defaults(run=run)
+        s.add_argument("--dir", type=Path, default=Path("/var/tmp/fusedisk-bench"), help=WHERE)
+        s.add_argument("--size", type=int, default=1024, help="image size in MiB (%(default)s)")
+        s.add_argument("--reps", type=int, default=reps, help="repetitions (%(default)s)")
+        s.add_argument("--json", type=Path, help="write the tables and every figure here")
+        return s
 
-def print_table(rows: list[dict[str, Any]], targets: list[Target]) -> None:
-    labels = [t.label for t in targets]
-    header = ["job"]
-    for label in labels:
-        header += [f"{label} IOPS", f"{label} MiB/s"]
-    header += ["fd/qsd", "fd/raw", "target", "verdict"]
-    table = [header]
-    for row in rows:
-        line = [row["job"]]
-        for label in labels:
-            per = row["targets"][label]
-            line += [f"{per['iops']:.0f}", f"{per['mibs']:.1f}"]
-        metric = "IOPS" if row["metric"] == "iops" else "MiB/s"
-        line += [
-            fmt(row["fusedisk/qsd"]),
-            fmt(row["fusedisk/raw"]),
-            f">={row['target_ratio']:g} ({metric})",
-            row["verdict"],
-        ]
-        table.append(line)
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for n, line in enumerate(table):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
-        if n == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print()
-    print("per-repetition fusedisk/qsd ratios; medians of p99 latency (us), daemon CPU per")
-    print("request and in cores, fio's CPU in cores, and how busy the 2-core machine was:")
-    for row in rows:
-        extra = []
-        for label in labels:
-            per = row["targets"][label]
-            cpu = per["daemon_cpu_us_per_io"]
-            text = f"{label} p99 {per['p99_us']:.0f}"
-            if cpu == cpu:  # NaN for raw
-                text += f", daemon {cpu:.1f} us CPU/io ({per['daemon_cpu_util']:.2f} core)"
-            text += f", fio {per['fio_cpu_util']:.2f} core, machine {per['machine_busy']:.0%} busy"
-            extra.append(text)
-        variants = "; ".join(f"{k} vs plain {fmt(v)}" for k, v in row["variants"].items())
-        print(f"  {row['job']}: ratios {row['fusedisk/qsd_per_rep']}; " + "; ".join(extra))
-        if variants:
-            print(f"    tuned: {variants}")
+    def fio(s: argparse.ArgumentParser, runtime: float) -> None:
+        s.add_argument("--runtime", type=float, default=runtime, help="s per job (%(default)s)")
+        s.add_argument("--ramp", type=float, default=1, help="fio ramp_time (%(default)s)")
 
+    def profile(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--profile", type=Path, metavar="DIR", help="afterwards, py-spy fusedisk")
+        s.add_argument("--native", action="store_true", help="py-spy C frames too (pauses it)")
 
-def run_profiles(
-    args: argparse.Namespace, jobs: list[Job], targets: list[Target]
-) -> dict[str, Any]:
-    target = next((t for t in targets if t.label == "fusedisk"), None)
-    if target is None or target.pid is None:
-        return {}
-    args.profile.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {}
-    for job in jobs:
-        raw = args.profile / f"bench-{job.name}.pyspy.txt"
-        bl.log(f"profiling fusedisk (pid {target.pid}) during {job.name}")
-        with bl.profiled(target.pid, args.runtime, raw, args.native) as result:
-            r = run_one(job, target, args.runtime, 0)
-        if result:
-            out[job.name] = {"fio_under_profiler": r, **result[0].as_dict()}
-            print(f"\n== {job.name} on fusedisk ({r['iops']:.0f} IOPS under the profiler)")
-            print(result[0].format())
-    return out
+    def contenders(s: argparse.ArgumentParser, allowed: tuple[str, ...], n: int) -> None:
+        s.set_defaults(allowed=allowed)
+        help = f"any of {', '.join(allowed)} (default: %(default)s)"
+        s.add_argument("--contenders", default=",".join(allowed[:n]), help=help)
+
+    s = command("datapath", datapath, 3, datapath.__doc__)
+    fio(s, 10)
+    contenders(s, ("raw", "floor", "fusedisk", "qsd", "floor-mirror"), 4)
+    s.add_argument("--jobs", default=",".join(j.name for j in JOBS), help="%(default)s")
+    profile(s)
+
+    s = command("move", bench_move.run, 3, bench_move.__doc__)
+    s.add_argument("--scenarios", default="idle,load", help="idle, load, split (%(default)s)")
+    s.add_argument("--before", type=float, default=5, help="writer s before the move (5)")
+    s.add_argument("--after", type=float, default=5, help="writer s after the move (5)")
+    s.add_argument("--ramp", type=float, default=1.5, help="writer warm-up s, not counted (1.5)")
+    s.add_argument("--rate", default="0", help="copy rate limit of both movers, like 200M")
+    profile(s)
+
+    s = command("guest", bench_guest.run, 2, bench_guest.__doc__)
+    fio(s, 8)
+    contenders(s, bench_guest.NAMES, len(bench_guest.NAMES))
+    s.add_argument("--span", type=int, default=50, help="%% of the disk fio uses (%(default)s)")
+    s.add_argument("--rate", default="auto", help="move rate, like 10M (auto: see above)")
+    s.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
+    s.add_argument("--keep-logs", action="store_true", help="keep the guests' consoles")
+
+    s = command("memory", memory, 1, memory.__doc__)
+    s.add_argument("--sizes", nargs="+", default=["1G", "8G"], help="%(default)s")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    jobs = [j for j in JOBS if j.name in args.jobs.split(",")]
-    targets = [Target.parse(s) for s in args.targets.split(",")]
-    if not jobs or len({t.label for t in targets}) != len(targets):
-        raise SystemExit("bench: no jobs selected, or a target named twice")
+    args = parser().parse_args(argv)
+    if hasattr(args, "contenders"):
+        args.contenders = args.contenders.split(",")
+        unknown = {c.partition("@")[0] for c in args.contenders} - set(args.allowed)
+        if unknown or len(set(args.contenders)) < len(args.contenders):
+            raise SystemExit(f"bench: unknown or repeated contenders: {sorted(unknown)}")
     args.dir = args.dir.absolute()
     args.dir.mkdir(parents=True, exist_ok=True)
-    notes = bl.machine_notes(args.dir)
-    started = time.time()
-    with bl.Cleanup() as cleanup:
-        setup_targets(args, cleanup, targets)
-        runs = measure(args, jobs, targets)
-        rows = summarize(jobs, targets, runs)
-        profiles = run_profiles(args, jobs, targets) if args.profile else {}
-    notes["loadavg_at_end"] = os.getloadavg()
-    notes["duration_s"] = round(time.time() - started)
-    print()
-    print(
-        f"fio libaio direct=1, {args.size} MiB images in {args.dir} ({notes['workdir_fs']}), "
-        f"{args.runtime:g} s + {args.ramp:g} s ramp per run, {args.reps} reps, medians"
-    )
-    print_table(rows, targets)
-    if args.json:
-        result = {
-            "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
-            "machine": notes,
-            "settings": {k: str(v) for k, v in vars(args).items()},
-            "fuse_defaults": {t.label: t.defaults for t in targets if t.defaults},
-            "rows": rows,
-            "profiles": profiles,
-        }
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        bl.log(f"wrote {args.json}")
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # SIGTERM and SIGHUP unwind like Ctrl-C; SIGINT too when started with it ignored.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, interrupt)
+    notes, started = bl.machine_notes(args.dir), time.time()
+    tables, data = args.run(args)
+    notes |= {"loadavg_at_end": os.getloadavg(), "duration_s": round(time.time() - started)}
+    bl.report(args, notes, tables, data)
     return 0
 
 

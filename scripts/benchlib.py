@@ -1,15 +1,18 @@
-"""Shared helpers for scripts/bench.py and scripts/bench_move.py (not part of fusedisk itself).
+"""The machinery of scripts/bench.py: contenders, movers, fio, the interleaved runner, reports.
 
-Everything a benchmark starts (fusedisk mounts, qemu-storage-daemon, fio) is registered with a
-:class:`Cleanup` stack the moment it exists, so Ctrl-C, SIGTERM or an error anywhere unwinds
-every mount and process the script started, newest first, and nothing else.
+Everything a run starts (images, mounts, daemons, fio, moves) is registered on an ExitStack the
+moment it exists, so an error, Ctrl-C or SIGTERM unwinds all of it, newest first; an undo that
+fails is logged and the ones after it still run.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
+import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -21,129 +24,71 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 MiB = 1 << 20
-GiB = 1 << 30
-FUSECTL = Path("/sys/fs/fuse/connections")
+ROOT = Path(__file__).resolve().parent.parent
+Run = dict[str, Any]  # the figures of one run of one contender
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# ---- cleanup ----------------------------------------------------------------------------
+# ---- starting and stopping ------------------------------------------------------------------
 
 
-class Cleanup:
-    """A LIFO stack of undo actions, run on normal exit, on errors, on Ctrl-C and on SIGTERM.
+def on_exit(stack: ExitStack, what: str, undo: Callable[..., object], *args: object) -> None:
+    """Run ``undo(*args)`` when ``stack`` unwinds; a failure is logged, the rest still run."""
 
-    Each action runs even if an earlier one failed; failures are printed, not raised, so one
-    stuck mount does not leave the processes behind it running.
-    """
-
-    def __init__(self) -> None:
-        self._actions: list[tuple[str, Callable[[], None]]] = []
-
-    def push(self, what: str, action: Callable[[], None]) -> None:
-        self._actions.append((what, action))
-
-    def pop(self, what: str) -> None:
-        """Run the newest action called ``what`` now, and forget it."""
-        for i in range(len(self._actions) - 1, -1, -1):
-            if self._actions[i][0] == what:
-                _, action = self._actions.pop(i)
-                self._run(what, action)
-                return
-
-    def _run(self, what: str, action: Callable[[], None]) -> None:
+    def run() -> None:
         try:
-            action()
-        except BaseException as e:  # keep unwinding: a failed undo must not stop the others
+            undo(*args)
+        except Exception as e:
             log(f"cleanup: {what}: {e!r}")
 
-    def run_all(self) -> None:
-        # Ctrl-C pressed again while unwinding is ignored: unwinding half-way is worse.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stack.callback(run)
+
+
+def terminate(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    """Stop a process this script started (by its own handle), escalating to SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
         try:
-            while self._actions:
-                what, action = self._actions.pop()
-                self._run(what, action)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def __enter__(self) -> Cleanup:
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGHUP, on_signal)
-        # Also when started in the background, where the shell leaves SIGINT ignored.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.run_all()
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
-def terminate(
-    proc: subprocess.Popen[Any], timeout: float = 15.0, sig: int = signal.SIGTERM
-) -> None:
-    """Stop one process this script started (by its own handle), escalating to SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+def start(stack: ExitStack, command: list[str], sig: int, timeout: float) -> subprocess.Popen[str]:
+    """Start a process with its output piped, in a session of its own (a terminal's Ctrl-C
+    reaches only the bench), and register stopping it by ``sig``."""
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    on_exit(stack, command[0], terminate, proc, sig, timeout)
+    return proc
 
 
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            mountpoint = line.split()[4].replace("\\040", " ")
-            if mountpoint == target:
-                return True
-    return False
+        return any(line.split()[4].replace("\\040", " ") == target for line in f)
 
 
-def force_unmount(path: Path) -> None:
+def unmount(path: Path, lazy: bool = False) -> None:
     if is_mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)
-
-
-# ---- images -------------------------------------------------------------------------------
-
-
-def make_image(path: Path, size: int, seed: int = 1) -> None:
-    """Write a non-sparse image: 1 MiB of seeded random bytes per block, stamped with the block
-    number, so every block differs and two calls with one seed give identical files."""
-    block = bytearray(random.Random(seed).randbytes(MiB))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        for offset in range(0, size, MiB):
-            block[:8] = (offset // MiB).to_bytes(8, "little")
-            n = min(MiB, size - offset)
-            os.pwrite(fd, memoryview(block)[:n], offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    st = os.stat(path)
-    if st.st_blocks * 512 < size:
-        raise RuntimeError(f"{path} came out sparse ({st.st_blocks * 512} of {size} bytes)")
-
-
-def warm(path: Path) -> None:
-    """Read a file once so its pages are cached (every target then starts alike)."""
-    with open(path, "rb", buffering=0) as f:
-        while f.read(4 * MiB):
-            pass
+        command = ["fusermount3", "-u", *(["-z"] if lazy else []), str(path)]
+        subprocess.run(command, check=False, capture_output=True)
 
 
 def remove(path: Path) -> None:
@@ -151,125 +96,153 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-# ---- fusedisk -----------------------------------------------------------------------------
+def scratch(stack: ExitStack, path: Path) -> Path:
+    """``path``, removed now and again when ``stack`` unwinds."""
+    remove(path)
+    on_exit(stack, f"rm {path}", remove, path)
+    return path
 
 
-def fusedisk_command() -> list[str]:
-    """The CLI of the fusedisk installed next to this interpreter (the venv's)."""
-    return [sys.executable, "-m", "fusedisk"]
+def make_image(path: Path, size: int, seed: int = 1) -> None:
+    """A non-sparse image: 1 MiB of seeded random bytes per block, stamped with the block number,
+    so every block differs and two calls with one seed give identical files."""
+    block = bytearray(random.Random(seed).randbytes(MiB))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        for offset in range(0, size, MiB):
+            block[:8] = (offset // MiB).to_bytes(8, "little")
+            os.pwrite(fd, memoryview(block)[: min(MiB, size - offset)], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def fusedisk(*args: str | Path, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [*fusedisk_command(), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"fusedisk {' '.join(map(str, args))}: {result.stderr.strip()}")
-    return result
+def warm(path: Path) -> None:
+    """Read a file once so its pages are cached: every contender starts alike."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(4 * MiB):
+            pass
 
 
-def fusedisk_status(mountpoint: Path) -> dict[str, Any]:
-    status: dict[str, Any] = json.loads(fusedisk("status", mountpoint, "--json").stdout)
-    return status
+def _remove_if_empty(path: Path) -> None:
+    if path.exists() and not path.stat().st_size:
+        remove(path)
+
+
+def start_daemon(
+    stack: ExitStack,
+    command: list[str],
+    log_path: Path,
+    ready: Callable[[], bool],
+    stop: Callable[[subprocess.Popen[bytes]], None],
+) -> subprocess.Popen[bytes]:
+    """Start a serving daemon, register ``stop(proc)``, wait up to 30 s for ``ready()``. Its
+    output goes to ``log_path``, kept only if it said something."""
+    on_exit(stack, f"rm {log_path}", _remove_if_empty, log_path)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    on_exit(stack, f"stop {command[:2]}", stop, proc)
+    deadline = time.monotonic() + 30
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{command[:2]} is not ready ({proc.poll()}); see {log_path}")
+        time.sleep(0.05)
+    return proc
+
+
+# ---- contenders -------------------------------------------------------------------------------
 
 
 @dataclass
-class FusediskMount:
-    image: Path
-    mountpoint: Path
-    name: str = "disk"
-    pid: int = 0
+class Served:
+    """How a contender serves an image: the file fio or QEMU opens, and what else is needed."""
 
-    @property
-    def file(self) -> Path:
-        return self.mountpoint / self.name
-
-    def status(self) -> dict[str, Any]:
-        return fusedisk_status(self.mountpoint)
+    file: Path
+    pid: int | None = None  # the serving daemon, for CPU accounting and py-spy
+    qmp: Path | None = None  # qemu-storage-daemon's monitor socket
+    nbd: str | None = None  # qemu-storage-daemon's NBD URI (``file`` is then its socket)
 
 
-def mount_fusedisk(
-    cleanup: Cleanup, image: Path, mountpoint: Path, name: str = "disk"
-) -> FusediskMount:
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    cleanup.push(f"rmdir {mountpoint}", functools.partial(_rmdir, mountpoint))
-    mount = FusediskMount(image, mountpoint, name)
-    key = f"fusedisk {mountpoint}"
-    # Registered before mounting: a mount that half-succeeds is still undone.
-    cleanup.push(key, lambda: _unmount_fusedisk(mount))
-    fusedisk("mount", image, mountpoint, "--name", name)
-    mount.pid = int(mount.status()["pid"])
-    return mount
+def fusedisk(*args: str | Path, timeout: float = 600) -> str:
+    """Run the venv's fusedisk CLI; its stdout, or RuntimeError with its stderr."""
+    command = [sys.executable, "-m", "fusedisk", *map(str, args)]
+    r = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    if r.returncode:
+        raise RuntimeError(f"fusedisk {' '.join(map(str, args))}: {r.stderr.strip()}")
+    return r.stdout
 
 
-def unmount_fusedisk(cleanup: Cleanup, mount: FusediskMount) -> None:
-    cleanup.pop(f"fusedisk {mount.mountpoint}")
-    cleanup.pop(f"rmdir {mount.mountpoint}")
+def status(mountpoint: Path) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(fusedisk("status", mountpoint, "--json"))
+    return result
+
+
+def _mountpoint(stack: ExitStack, path: Path) -> Path:
+    path.mkdir(exist_ok=True)
+    on_exit(stack, f"rmdir {path}", _rmdir, path)
+    return path
 
 
 def _rmdir(path: Path) -> None:
     if not is_mounted(path):
-        with contextlib.suppress(FileNotFoundError):
-            path.rmdir()
+        path.rmdir()
 
 
-def _unmount_fusedisk(mount: FusediskMount) -> None:
-    if not is_mounted(mount.mountpoint):
-        return
-    try:
-        fusedisk("unmount", mount.mountpoint, timeout=180)
-        return
-    except (RuntimeError, subprocess.TimeoutExpired) as e:
-        log(f"fusedisk unmount {mount.mountpoint} failed ({e}); unmounting lazily")
-    force_unmount(mount.mountpoint)
-    if mount.pid:  # the daemon this script mounted, by the pid its own status reported
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and _alive(mount.pid):
-            time.sleep(0.1)
-        if _alive(mount.pid):
-            os.kill(mount.pid, signal.SIGKILL)
+def serve_raw(stack: ExitStack, image: Path, work: Path) -> Served:
+    return Served(image)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def serve_fusedisk(stack: ExitStack, image: Path, work: Path) -> Served:
+    mnt = _mountpoint(stack, work / f"{image.stem}.mnt")
+    served = Served(mnt / "disk")
+
+    def stop() -> None:
+        try:
+            if is_mounted(mnt):
+                fusedisk("unmount", mnt, timeout=180)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log(f"{e}; unmounting lazily and killing the daemon")
+            unmount(mnt, lazy=True)
+            if served.pid:  # the daemon this run mounted, by the pid its status reported
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(served.pid, signal.SIGKILL)
+
+    on_exit(stack, f"unmount {mnt}", stop)  # before mounting: a half-made mount is undone too
+    fusedisk("mount", image, mnt, "--name", "disk")
+    served.pid = int(status(mnt)["pid"])
+    return served
 
 
-# ---- qemu-storage-daemon ------------------------------------------------------------------
+def serve_floor(stack: ExitStack, image: Path, work: Path, mirror: bool = False) -> Served:
+    mnt = _mountpoint(stack, work / f"{image.stem}.mnt")
+    command = [sys.executable, str(Path(__file__).with_name("floor.py")), str(image), str(mnt)]
+    if mirror:  # a new sparse file of the same size, as a move's destination starts
+        copy = scratch(stack, image.with_suffix(".mirror"))
+        copy.touch()
+        os.truncate(copy, image.stat().st_size)
+        command += ["--mirror", str(copy)]
+
+    def stop(proc: subprocess.Popen[bytes]) -> None:
+        unmount(mnt)  # floor.py returns once unmounted
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+        terminate(proc)
+        unmount(mnt, lazy=True)
+
+    log_path = work / f"{image.stem}.floor.log"
+    proc = start_daemon(stack, command, log_path, lambda: is_mounted(mnt), stop)
+    return Served(mnt / "disk", proc.pid)
 
 
-@dataclass
-class QsdExport:
-    image: Path
-    file: Path  # the FUSE export (a regular file the export is mounted over), or the NBD socket
-    qmp_socket: Path
-    proc: subprocess.Popen[bytes]
-    kind: str  # "fuse", "fuse-ro" or "nbd"
-
-    @property
-    def nbd_uri(self) -> str:
-        return f"nbd+unix:///disk?socket={self.file}"
-
-
-def start_qsd(
-    cleanup: Cleanup, image: Path, export: Path, workdir: Path, kind: str = "fuse"
-) -> QsdExport:
-    """qemu-storage-daemon serving ``image`` (raw) with a QMP monitor on a socket.
-
-    ``fuse``: a writable FUSE file at ``export``, exactly as shared/GUEST.md describes.
-    ``fuse-ro``: the same, read-only.  ``nbd``: a writable NBD export named ``disk`` on the
-    unix socket ``export`` (qemu 7.2 cannot mirror a node under a writable FUSE export: the
-    export takes the RESIZE permission, which the mirror job does not share).
-    """
-    qmp = workdir / f"{export.name}.qmp"
-    remove(qmp)
+def serve_qsd(stack: ExitStack, image: Path, work: Path, nbd: bool = False) -> Served:
+    """qemu-storage-daemon serving ``image``: a writable FUSE export over a regular file, as
+    shared/GUEST.md shows, or (``nbd``) a writable NBD export on a unix socket; QMP beside."""
+    export = scratch(stack, work / f"{image.stem}.{'nbd' if nbd else 'export'}")
+    qmp = scratch(stack, work / f"{image.stem}.qmp")
     command = [
         "qemu-storage-daemon",
         "--blockdev", f"node-name=file0,driver=file,filename={image}",
@@ -277,135 +250,384 @@ def start_qsd(
         "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0",
         "--monitor", "chardev=qmp0",
     ]  # fmt: skip
-    if kind == "nbd":
-        remove(export)
+    if nbd:
         command += ["--nbd-server", f"addr.type=unix,addr.path={export}"]
-        command += ["--export", "type=nbd,id=exp0,node-name=fmt0,name=disk,writable=on"]
+        kind = "type=nbd,name=disk"
     else:
         export.touch()
-        writable = "on" if kind == "fuse" else "off"
-        command += [
-            "--export",
-            f"type=fuse,id=exp0,node-name=fmt0,mountpoint={export},writable={writable}",
-        ]
-    log_path = workdir / f"{export.name}.qsd.log"
-    log_file = open(log_path, "ab")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
-    )
-    log_file.close()
-    qsd = QsdExport(image, export, qmp, proc, kind)
+        kind = f"type=fuse,mountpoint={export}"
+    command += ["--export", f"{kind},id=exp0,node-name=fmt0,writable=on"]
 
-    def stop() -> None:
+    def ready() -> bool:
+        return qmp.exists() and (export.exists() if nbd else is_mounted(export))
+
+    def stop(proc: subprocess.Popen[bytes]) -> None:
         terminate(proc)
-        if kind != "nbd":
-            force_unmount(export)
-        remove(qmp)
-        if kind == "nbd" or not is_mounted(export):
-            remove(export)
-        if log_path.exists() and not log_path.stat().st_size:
-            remove(log_path)  # kept only when qemu-storage-daemon said something
+        unmount(export, lazy=True)
 
-    cleanup.push(f"qsd {export}", stop)
-    deadline = time.monotonic() + 30
-    while not ((kind == "nbd" and export.exists()) or is_mounted(export)) or not qmp.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"qemu-storage-daemon exited ({proc.returncode}); see its log")
-        if time.monotonic() > deadline:
-            raise RuntimeError("qemu-storage-daemon did not export in 30 s")
-        time.sleep(0.05)
-    return qsd
+    proc = start_daemon(stack, command, work / f"{image.stem}.qsd.log", ready, stop)
+    uri = f"nbd+unix:///disk?socket={export}" if nbd else None
+    return Served(export, proc.pid, qmp=qmp, nbd=uri)
 
 
-def stop_qsd(cleanup: Cleanup, qsd: QsdExport) -> None:
-    cleanup.pop(f"qsd {qsd.file}")
+# ---- movers -----------------------------------------------------------------------------------
 
 
-# ---- FUSE connection tunables -------------------------------------------------------------
+class FusediskMove:
+    """`fusedisk migrate MNT DEST --json --rate R`, running while the caller measures."""
+
+    def __init__(self, stack: ExitStack, served: Served, dest: Path, size: int) -> None:
+        self.stack, self.mnt, self.dest = stack, served.file.parent, scratch(stack, dest)
+
+    def start(self, rate: int) -> None:
+        command = [sys.executable, "-m", "fusedisk", "migrate", str(self.mnt), str(self.dest)]
+        # SIGINT, if the bench stops it early, cancels the move
+        self.proc = start(self.stack, [*command, "--json", "--rate", str(rate)], signal.SIGINT, 120)
+
+    def set_rate(self, rate: int) -> None:
+        fusedisk("rate", self.mnt, str(rate))
+
+    def snapshot(self) -> dict[str, Any]:
+        s = status(self.mnt)
+        return {
+            "moving": s["phase"] == "mirroring",
+            "progress": round(s["progress_bytes"] / max(1, s["total_bytes"]), 3),
+            "copied_bytes": s["copied_bytes"],
+        }
+
+    def wait(self) -> Run:
+        out, err = self.proc.communicate(timeout=3600)
+        if self.proc.returncode:
+            raise RuntimeError(f"fusedisk migrate failed: {err.strip()}")
+        s = json.loads(out)
+        keys = ("switch_pause_ms", "copied_bytes", "mirrored_bytes", "synced_by_writes_bytes")
+        return {
+            "started": s["started"],
+            "finished": s["finished"],
+            "move_s": round(s["finished"] - s["started"], 3),
+            "copied_ratio": round(s["copied_bytes"] / s["size"], 4),
+            **{k: s[k] for k in keys},
+        }
 
 
-def ensure_fusectl(cleanup: Cleanup) -> None:
-    """Mount the fusectl filesystem if nothing has (undone at exit if this script did it)."""
-    if is_mounted(FUSECTL):
-        return
-    subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=True)
-    cleanup.push("fusectl", lambda: _umount(FUSECTL))
+class QsdMirror:
+    """blockdev-add of a new raw file, blockdev-mirror (sync full, copy-mode write-blocking,
+    speed R) of the exported node, BLOCK_JOB_READY, job-complete, BLOCK_JOB_COMPLETED."""
+
+    def __init__(self, stack: ExitStack, served: Served, dest: Path, size: int) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        # The target as fusedisk creates its own: a new, sparse file of the same size.
+        command = ["qemu-img", "create", "-q", "-f", "raw", str(scratch(stack, dest)), str(size)]
+        subprocess.run(command, check=True)
+        self.size, self.qmp = size, QEMUMonitorProtocol(str(served.qmp))
+        self.qmp.connect()
+        stack.callback(self.qmp.close)
+        target = {"driver": "file", "filename": str(dest)}
+        self.qmp.cmd("blockdev-add", **{"node-name": "target0", "driver": "raw", "file": target})
+
+    def start(self, rate: int) -> None:
+        self.started = time.time()
+        args = {"job-id": "move0", "device": "fmt0", "target": "target0", "sync": "full"}
+        self.qmp.cmd("blockdev-mirror", **args, **{"copy-mode": "write-blocking", "speed": rate})
+
+    def set_rate(self, rate: int) -> None:
+        self.qmp.cmd("block-job-set-speed", device="move0", speed=rate)
+
+    def snapshot(self) -> dict[str, Any]:
+        reply: list[dict[str, Any]] = self.qmp.cmd("query-block-jobs")  # type: ignore[assignment]
+        job = next(j for j in reply if j["device"] == "move0")  # until job-complete
+        return {"moving": not job["ready"], "progress": round(job["offset"] / job["len"], 3)}
+
+    def wait(self) -> Run:
+        ready = self._event("BLOCK_JOB_READY")
+        t_complete = time.time()
+        self.qmp.cmd("job-complete", id="move0")
+        done = self._event("BLOCK_JOB_COMPLETED")
+        finished = _event_time(done)
+        return {
+            "started": self.started,
+            "finished": finished,
+            "move_s": round(finished - self.started, 3),
+            "ready_after_s": round(_event_time(ready) - self.started, 3),
+            # job-complete sent -> BLOCK_JOB_COMPLETED's own timestamp: an upper bound on the
+            # drained section in which qsd swaps the nodes.
+            "switch_pause_ms": round((finished - t_complete) * 1000, 1),
+            "copied_ratio": round(done["data"].get("offset", 0) / self.size, 4),
+        }
+
+    def _event(self, name: str) -> dict[str, Any]:
+        while True:
+            event = self.qmp.pull_event(wait=1800.0)  # TimeoutError after that
+            assert event is not None
+            if event["event"] == "BLOCK_JOB_COMPLETED" and event["data"].get("error"):
+                raise RuntimeError(f"qsd mirror failed: {event['data']['error']}")
+            if event["event"] == name:
+                return event
 
 
-def _umount(path: Path) -> None:
-    subprocess.run(["umount", str(path)], check=False)
+def _event_time(event: dict[str, Any]) -> float:
+    return float(event["timestamp"]["seconds"]) + float(event["timestamp"]["microseconds"]) / 1e6
 
 
-def fuse_connection(path: Path) -> Path:
-    """The fusectl directory of the FUSE connection serving ``path``."""
-    return FUSECTL / str(os.stat(path).st_dev)
+@dataclass(frozen=True)
+class Contender:
+    about: str
+    serve: Callable[[ExitStack, Path, Path], Served]
+    mover: type[FusediskMove | QsdMirror] | None = None  # measured while its image moves
 
 
-def read_tunables(path: Path) -> dict[str, int]:
-    conn = fuse_connection(path)
-    return {
-        name: int((conn / name).read_text())
-        for name in ("max_background", "congestion_threshold")
-        if (conn / name).exists()
-    }
+nbd = functools.partial(serve_qsd, nbd=True)
+floor_mirror = functools.partial(serve_floor, mirror=True)
+# Every contender of every subcommand, in one place.
+CONTENDERS = {
+    "raw": Contender("the image file itself (fio and QEMU open it O_DIRECT)", serve_raw),
+    "floor": Contender("scripts/floor.py, bare pyfuse3 passthrough, syscalls inline", serve_floor),
+    "floor-mirror": Contender("floor.py --mirror: each write to a second file too", floor_mirror),
+    "fusedisk": Contender("`fusedisk mount` of the image", serve_fusedisk),
+    "qsd": Contender("qemu-storage-daemon's writable FUSE export", serve_qsd),
+    "qsd-nbd": Contender("qemu-storage-daemon's NBD export (unix socket)", nbd),
+    "fusedisk-move": Contender(
+        "fusedisk, moved by `fusedisk migrate`", serve_fusedisk, FusediskMove
+    ),
+    "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
+    "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),
+}
 
 
-def set_tunables(path: Path, tunables: dict[str, int]) -> None:
-    conn = fuse_connection(path)
-    for name, value in tunables.items():
-        (conn / name).write_text(f"{value}\n")
-    got = read_tunables(path)
-    for name, value in tunables.items():
-        if got.get(name) != value:
-            raise RuntimeError(f"{conn / name} reads {got.get(name)} after writing {value}")
+# ---- fio --------------------------------------------------------------------------------------
 
 
-# ---- fio ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+
+    @property
+    def direction(self) -> str:
+        return "read" if "read" in self.rw else "write"
+
+    @property
+    def metric(self) -> str:  # what the job is judged on
+        return "iops" if self.bs == "4k" else "mibs"
+
+    def args(self, filename: str | Path) -> list[str]:
+        return [
+            f"--name={self.name}",
+            f"--filename={filename}",
+            f"--rw={self.rw}",
+            f"--bs={self.bs}",
+            f"--iodepth={self.iodepth}",
+        ]
 
 
-def parse_fio_json(text: str) -> dict[str, Any]:
+JOBS = (
+    Job("4k-randread-qd16", "randread", "4k", 16),
+    Job("4k-randwrite-qd16", "randwrite", "4k", 16),
+    Job("1m-seqread-qd8", "read", "1M", 8),
+    Job("1m-seqwrite-qd8", "write", "1M", 8),
+)
+
+
+def fio_timing(runtime: float, ramp: float) -> list[str]:
+    """What every measured fio job shares: libaio, O_DIRECT, time-based, after a ramp."""
+    timing = [f"--runtime={runtime:g}", f"--ramp_time={ramp:g}"]
+    return ["--ioengine=libaio", "--direct=1", "--time_based=1", "--randrepeat=0", *timing]
+
+
+def parse_fio(text: str) -> dict[str, Any]:
     """fio's JSON, skipping lines it prints before it (such as 'terminating on signal')."""
-    start = text.find("{")
-    if start < 0:
+    if "{" not in text:
         raise RuntimeError(f"fio printed no JSON: {text[:500]!r}")
-    result: dict[str, Any] = json.loads(text[start:])
+    result: dict[str, Any] = json.loads(text[text.find("{") :])
     return result
 
 
 def run_fio(args: Sequence[str], timeout: float) -> dict[str, Any]:
-    result = subprocess.run(
+    r = subprocess.run(
         ["fio", "--output-format=json", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"fio failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
-    return parse_fio_json(result.stdout)
+    if r.returncode:
+        raise RuntimeError(f"fio failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+    return parse_fio(r.stdout)
 
 
-# ---- statistics ---------------------------------------------------------------------------
+def job_figures(out: dict[str, Any], jobs: Iterable[Job]) -> dict[str, Run]:
+    """Per job: IOPS, MiB/s, p99 completion latency and fio's own CPU, from fio's JSON."""
+    by_name = {j["jobname"]: j for j in out["jobs"]}
+    figures = {}
+    for job in jobs:
+        j = by_name[job.name]
+        stats = j[job.direction]
+        p99 = stats.get("clat_ns", {}).get("percentile", {}).get("99.000000", 0)
+        figures[job.name] = {
+            "iops": round(stats["iops"], 1),
+            "mibs": round(stats["bw_bytes"] / MiB, 1),
+            "p99_ms": round(p99 / 1e6, 3),
+            "fio_cores": round((j["usr_cpu"] + j["sys_cpu"]) / 100, 3),
+        }
+    return figures
+
+
+# ---- CPU --------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU a process (or one of its threads) has used so far."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path, encoding="utf-8") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as f:
+        values = [float(v) for v in f.readline().split()[1:8]]
+    return sum(values) - values[3] - values[4], sum(values)  # less idle and iowait
+
+
+def busy(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """How busy the whole machine was between two cpu_times() (1.0: every core)."""
+    return round(ratio(after[0] - before[0], after[1] - before[1]), 3)
+
+
+# ---- running and comparing --------------------------------------------------------------------
+
+
+def interleave(
+    reps: int, names: Sequence[str], run: Callable[[str], Run], describe: Callable[[Run], str]
+) -> dict[str, list[Run]]:
+    """Run every contender once per repetition, interleaved (a, b, c, a, b, c, ...), so that
+    the machine's noise hits all of them alike."""
+    runs: dict[str, list[Run]] = {name: [] for name in names}
+    for rep in range(reps):
+        for i, name in enumerate(names):
+            runs[name].append(run(name))
+            done = f"{rep * len(names) + i + 1}/{reps * len(names)}"
+            log(f"[{done}] {name}: {describe(runs[name][-1])}")
+    return runs
 
 
 def median(values: Iterable[float]) -> float:
-    values = list(values)
-    return statistics.median(values) if values else float("nan")
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of already sorted values."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), -(-len(sorted_values) * q // 100)))
-    return sorted_values[int(rank) - 1]
+    """The median of the numbers among ``values`` (NaN stands for a figure not measured)."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return statistics.median(numbers) if numbers else math.nan
 
 
 def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
+    return a / b if b else math.nan
 
 
-# ---- machine notes ------------------------------------------------------------------------
+def value(run: Run, path: Sequence[str]) -> float:
+    """The number at ``path`` in a run's nested figures; NaN where there is none."""
+    v: Any = run
+    for key in path:
+        v = v.get(key) if isinstance(v, dict) else None
+    return float(v) if isinstance(v, int | float) else math.nan
+
+
+def values(runs: Sequence[Run], *path: str) -> list[float]:
+    return [value(r, path) for r in runs]
+
+
+def med(runs: Sequence[Run], *path: str) -> float:
+    return median(values(runs, *path))
+
+
+def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
+    """median(a) / median(b), and as text with the per-repetition ratios a[i] / b[i]."""
+    r = ratio(median(a), median(b))
+    per = [fmt(ratio(x, y)) for x, y in zip(a, b, strict=False)]
+    return r, fmt(r) + (f" ({', '.join(per)})" if len(per) > 1 else "")
+
+
+def fmt(x: str | float | None, digits: int = 2) -> str:
+    if isinstance(x, str):
+        return x
+    return "-" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def verdict(x: float, target: float, at_most: bool = False) -> str:
+    """PASS/MISS for ``x >= target`` (or ``<=``), as printed (two decimals); '-' where a
+    contender was not run."""
+    if math.isnan(x) or math.isnan(target):
+        return "-"
+    x, target = round(x, 2), round(target, 2)
+    return "PASS" if (x <= target if at_most else x >= target) else "MISS"
+
+
+# ---- reports ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+    def add(self, *cells: str | float | None) -> None:
+        """A row; numbers get two decimals, a flag yes/no, a missing figure '-'."""
+        yes_no = ("no", "yes")
+        self.rows.append([yes_no[c] if isinstance(c, bool) else fmt(c) for c in cells])
+
+    def target(
+        self, label: str, x: float | tuple[float, str], goal: float, at_most: bool = False
+    ) -> None:
+        """A row of a targets table: the figure (or a compare()), the goal and the verdict."""
+        value, text = x if isinstance(x, tuple) else (x, fmt(x))
+        self.add(label, text, goal, verdict(value, goal, at_most))
+
+    def __str__(self) -> str:
+        lines = [self.title, "", "| " + " | ".join(self.header) + " |"]
+        lines.append("|" + "---|" * len(self.header))
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in self.rows]) + "\n"
+
+
+def report(
+    args: argparse.Namespace, notes: dict[str, Any], tables: list[Table], data: dict[str, Any]
+) -> None:
+    """Print the tables as markdown; with --json, write them and every figure there too."""
+    for table in tables:
+        print(table)
+    if args.json:
+        settings = {k: str(v) for k, v in vars(args).items() if k != "run"}
+        result: dict[str, Any] = {"command": " ".join(sys.argv), "machine": notes}
+        result["settings"] = settings
+        result["tables"] = [vars(t) for t in tables]
+        args.json.write_text(json.dumps(result | data, indent=2) + "\n")
+        log(f"wrote {args.json}")
+
+
+def idle_table(
+    title: str,
+    names: Sequence[str],
+    jobs: Sequence[Job],
+    figures: Callable[[str, Job], list[float]],
+) -> Table:
+    """Per job: each contender's median, fusedisk against floor, qsd and raw, and the targets:
+    fusedisk >= 0.9 x floor on every job, >= 0.7 x qsd on 4 KiB random writes. ``figures``
+    gives a contender's per-repetition values of a job's metric ([] if it was not run)."""
+    header = ["job", *names, "fusedisk/floor", "fusedisk/qsd", "fusedisk/raw"]
+    table = Table(title, [*header, "fusedisk >= 0.9 floor", "fusedisk >= 0.7 qsd (4k write)"])
+    for job in jobs:
+        cells = []
+        for name in names:
+            cells.append(fmt(median(figures(name, job)), 0 if job.metric == "iops" else 1))
+            if "@" in name:  # a tuned contender: its ratio to the plain one
+                plain = compare(figures(name, job), figures(name.partition("@")[0], job))
+                cells[-1] += f" ({fmt(plain[0])})"
+        fd = figures("fusedisk", job)
+        floor, qsd, raw = (compare(fd, figures(name, job)) for name in ("floor", "qsd", "raw"))
+        write = verdict(qsd[0], 0.7) if job.rw == "randwrite" and job.bs == "4k" else ""
+        table.add(job.name, *cells, floor[1], qsd[1], raw[1], verdict(floor[0], 0.9), write)
+    return table
 
 
 def _first_line(command: list[str]) -> str:
@@ -413,212 +635,93 @@ def _first_line(command: list[str]) -> str:
         out = subprocess.run(command, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "?"
-    return out.strip().splitlines()[0] if out.strip() else "?"
+    return (out.strip().splitlines() or ["?"])[0]
 
 
 def machine_notes(workdir: Path) -> dict[str, Any]:
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo", encoding="utf-8") as f:
-        mem_kib = int(f.readline().split()[1])
-    fs = " ".join(_first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(workdir)]).split())
-    import pyfuse3  # the versions fusedisk runs with
+    """The machine and the code measured (a digest of fusedisk/: others edit the tree)."""
+    import pyfuse3
 
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "fusedisk").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    git = ["git", "-C", str(ROOT)]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "code": code_version(),
+        "commit": _first_line([*git, "rev-parse", "--short", "HEAD"]),
+        "fusedisk_dirty": _first_line([*git, "status", "--porcelain", "--", "fusedisk"]) != "?",
+        "fusedisk_sha256": digest.hexdigest()[:16],
         "host": platform.node(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "cpu_model": cpu,
-        "memory_gib": round(mem_kib / (1 << 20), 1),
+        "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
         "loadavg_at_start": os.getloadavg(),
-        "workdir": str(workdir),
-        "workdir_fs": fs,
+        "workdir_fs": _first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(workdir)]),
         "python": platform.python_version(),
-        "pyfuse3": getattr(pyfuse3, "__version__", "?"),
+        "pyfuse3": pyfuse3.__version__,
         "fio": _first_line(["fio", "--version"]),
         "qemu_storage_daemon": _first_line(["qemu-storage-daemon", "--version"]),
     }
 
 
-def code_version() -> dict[str, Any]:
-    """Which fusedisk was measured: the commit, whether fusedisk/ had local changes, and a
-    digest of its sources (others edit the tree while benchmarks run)."""
-    import hashlib
-
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for path in sorted((root / "fusedisk").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    changed = _first_line(["git", "-C", str(root), "status", "--porcelain", "--", "fusedisk"])
-    return {
-        "commit": _first_line(["git", "-C", str(root), "rev-parse", "--short", "HEAD"]),
-        "fusedisk_dirty": changed not in ("?", ""),
-        "fusedisk_sha256": digest.hexdigest()[:16],
-    }
-
-
-# ---- py-spy -------------------------------------------------------------------------------
-
-
-def py_spy() -> str | None:
-    candidate = Path(sys.executable).parent / "py-spy"
-    return str(candidate) if candidate.exists() else shutil.which("py-spy")
-
-
-@dataclass
-class Profile:
-    """Top frames of the daemon's main thread (the event loop serving FUSE: its time is the data
-    path) and, apart, of its other threads (trio's workers: the copier, fsyncs)."""
-
-    samples: int  # of the main thread
-    self_top: list[tuple[str, int]] = field(default_factory=list)
-    inclusive_top: list[tuple[str, int]] = field(default_factory=list)
-    raw_path: str = ""
-    other_samples: int = 0
-    other_self_top: list[tuple[str, int]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "samples": self.samples,
-            "self_top": self.self_top,
-            "inclusive_top": self.inclusive_top,
-            "raw_path": self.raw_path,
-            "other_samples": self.other_samples,
-            "other_self_top": self.other_self_top,
-        }
-
-    def format(self, n: int = 12) -> str:
-        def pct(count: int, total: int) -> str:
-            return f"{100 * count / max(total, 1):5.1f}%"
-
-        lines = [f"py-spy: main thread {self.samples} samples ({self.raw_path})"]
-        lines.append("  main thread, self time (leaf frame):")
-        lines += [f"    {pct(c, self.samples)}  {fr}" for fr, c in self.self_top[:n]]
-        lines.append("  main thread, inclusive (frame anywhere on the stack):")
-        lines += [f"    {pct(c, self.samples)}  {fr}" for fr, c in self.inclusive_top[:n]]
-        if self.other_samples:
-            lines.append(f"  other threads ({self.other_samples} samples), self time:")
-            lines += [
-                f"    {pct(c, self.other_samples)}  {fr}" for fr, c in self.other_self_top[:n]
-            ]
-        return "\n".join(lines)
-
-
-def start_py_spy(
-    pid: int, duration: float, raw_path: Path, native: bool = False
-) -> subprocess.Popen[bytes]:
-    """Sample ``pid``, every thread apart, idle time included (so time the event loop spends
-    waiting for requests shows too).
-
-    Without ``native``: 200 Hz, without pausing the process.  With it: C frames too (pyfuse3 is
-    Cython, and syscalls show by name), which needs py-spy to pause the process for each sample,
-    so 100 Hz and some slowdown of the daemon."""
-    spy = py_spy()
-    if spy is None:
-        raise RuntimeError("py-spy not found (pip install py-spy into the venv)")
-    command = [spy, "record", "--pid", str(pid), "--duration", str(max(1, round(duration)))]
-    command += ["--format", "raw", "--idle", "--threads", "--output", str(raw_path)]
-    command += ["--rate", "100", "--native"] if native else ["--rate", "200", "--nonblocking"]
-    return subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-
-
-def summarize_profile(raw_path: Path) -> Profile:
-    """Top frames from py-spy's collapsed stacks (``thread (tid): name;frame;... count``)."""
-    self_counts: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    other_self: Counter[str] = Counter()
-    total = other = 0
-    with open(raw_path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            stack, _, count_text = line.rstrip("\n").rpartition(" ")
-            if not stack or not count_text.isdigit():
-                continue
-            count = int(count_text)
-            frames = [fr for fr in stack.split(";") if fr]
-            main = True
-            if frames and frames[0].startswith("thread ("):
-                main = frames.pop(0).endswith(": MainThread")
-            frames = [_short_frame(fr) for fr in frames]
-            if not frames:
-                continue
-            if not main:
-                other += count
-                other_self[frames[-1]] += count
-                continue
-            total += count
-            self_counts[frames[-1]] += count
-            for frame in set(frames):
-                inclusive[frame] += count
-    return Profile(
-        samples=total,
-        self_top=self_counts.most_common(25),
-        inclusive_top=[(f, c) for f, c in inclusive.most_common(40) if not f.startswith("<")][:25],
-        raw_path=str(raw_path),
-        other_samples=other,
-        other_self_top=other_self.most_common(15),
-    )
-
-
-def _short_frame(frame: str) -> str:
-    """``func (/long/path/pkg/mod.py:12)`` -> ``func (pkg/mod.py:12)``."""
-    name, sep, where = frame.partition(" (")
-    if not sep:
-        return frame
-    parts = where.rstrip(")").split("/")
-    return f"{name} ({'/'.join(parts[-2:])})"
+# ---- py-spy -----------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def profiled(
-    pid: int, duration: float | None, raw_path: Path, native: bool = False
-) -> Iterator[list[Profile]]:
-    """Profile ``pid`` while the body runs: for ``duration`` seconds, or (None) until the body
-    ends.  The yielded list gets the summary once py-spy has written its output."""
-    out: list[Profile] = []
-    proc = start_py_spy(pid, duration or 3600, raw_path, native)
+def profiled(pid: int | None, raw: Path | None, native: bool) -> Iterator[dict[str, Any]]:
+    """py-spy on ``pid`` while the body runs (with ``raw``, its output file), every thread
+    apart and idle time included; the yielded dict then gets the top leaf frames of the main
+    thread (the event loop serving FUSE) and of the others. ``native``: C frames too (syscalls
+    by name), which pauses the process for each sample, so 100 Hz instead of 200."""
+    if raw is None:
+        yield {}
+        return
+    venv = Path(sys.executable).parent
+    spy = shutil.which("py-spy", path=f"{venv}{os.pathsep}{os.environ.get('PATH', '')}")
+    if spy is None or pid is None:
+        raise RuntimeError("--profile needs py-spy (.venv/bin/pip install py-spy) and a daemon")
+    command = [spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(raw)]
+    command += ["--idle", "--threads", "--duration", "36000"]
+    command += ["--rate", "100", "--native"] if native else ["--rate", "200", "--nonblocking"]
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    remove(raw)
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    out: dict[str, Any] = {"raw": str(raw)}
     try:
         yield out
-    except BaseException:
-        terminate(proc, sig=signal.SIGINT)
-        raise
-    if duration is None:
-        proc.send_signal(signal.SIGINT)  # py-spy writes what it has sampled, then exits
-    try:
-        _, err = proc.communicate(timeout=(duration or 0) + 60)
-    except subprocess.TimeoutExpired:
-        terminate(proc, sig=signal.SIGINT)
-        err = b""
-    if raw_path.exists() and raw_path.stat().st_size:
-        out.append(summarize_profile(raw_path))
-    else:
-        log(f"py-spy wrote no profile: {err.decode(errors='replace').strip()[-500:]}")
+    finally:
+        terminate(proc, signal.SIGINT, timeout=60)  # py-spy writes what it sampled, then exits
+    if not raw.exists():
+        raise RuntimeError(f"py-spy wrote no {raw} (exit status {proc.returncode})")
+    counts: dict[str, Counter[str]] = {"main thread": Counter(), "other threads": Counter()}
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        thread = "other threads"
+        if frames[0].startswith("thread ("):
+            thread = "main thread" if frames.pop(0).endswith(": MainThread") else thread
+        if count.isdigit() and frames:
+            counts[thread][_short(frames[-1])] += int(count)
+    for thread, c in counts.items():
+        out[thread] = {"samples": c.total(), "self_top": c.most_common(15)}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process (all its threads) has used so far."""
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-        fields = f.read().rpartition(")")[2].split()
-    # After the command name: state is field 3, utime 14 and stime 15 (1-based, see proc(5)).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _short(frame: str) -> str:
+    """``func (/long/path/pkg/mod.py:12)`` -> ``func (pkg/mod.py:12)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({'/'.join(where.split('/')[-2:])}" if where else name
 
 
-def cpu_times() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    with open("/proc/stat", encoding="ascii") as f:
-        values = [float(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    total = sum(values[:8])  # guest time is already in user
-    return total - idle, total
-
-
-def busy_fraction(before: tuple[float, float], after: tuple[float, float]) -> float:
-    total = after[1] - before[1]
-    return (after[0] - before[0]) / total if total else float("nan")
+def profile_table(title: str, profile: dict[str, Any]) -> Table:
+    raw = profile["raw"]
+    table = Table(
+        f"py-spy, {title}: self time (leaf frames); stacks in {raw}", ["thread", "share", "frame"]
+    )
+    for thread in ("main thread", "other threads"):
+        total = max(1, profile[thread]["samples"])
+        for frame, n in profile[thread]["self_top"][:12]:
+            table.add(thread, f"{100 * n / total:.1f} %", frame)
+    return table

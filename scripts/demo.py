@@ -104,7 +104,7 @@ def demo(work: Path, size_mib: int, rate: str) -> None:
     disk = mnt / "vm-disk.img"
     run("ls", "-l", mnt)
     run("stat", "-c", "%n: %s bytes, %b blocks", disk)
-    run("getfattr", "-d", "-m", "-", disk)
+    run("jq", "-c", "{phase, image, size, pid}", mnt / ".status")  # the live status, as a file
     fusedisk("status", mnt)
 
     say("Ordinary tools read and write it (O_DIRECT, as QEMU's cache=none does)")

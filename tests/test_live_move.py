@@ -656,10 +656,14 @@ def test_holes_stay_holes_and_cost_no_copying(tmp_path: Path) -> None:
             model[offset : offset + len(data)] = data
     dest = tmp_path / "dst" / "disk.img"
     with mounted(source, tmp_path / "mnt") as m:
+        before = os.stat(m.file)  # the kernel caches these attributes: the switch must drop them
         result = fusedisk("migrate", m.mountpoint, dest, "--json", timeout=CLI_TIMEOUT)
         assert result.returncode == 0, result.stderr
         status = json.loads(result.stdout)
         assert_moved(m, status, source, dest)
+        served = os.stat(m.file)
+        assert served.st_mtime_ns == dest.stat().st_mtime_ns != before.st_mtime_ns
+        assert served.st_blocks == dest.stat().st_blocks
         assert status["hole_bytes"] >= size - MiB, status
         assert status["copied_bytes"] <= 512 * KiB, status
         assert status["synced_by_writes_bytes"] == 0, status

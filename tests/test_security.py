@@ -79,7 +79,9 @@ PROBE = textwrap.dedent(
     attempt("stat", lambda: os.stat(path))
     attempt("read", lambda: os.close(os.open(path, os.O_RDONLY)))
     attempt("write", lambda: os.close(os.open(path, os.O_WRONLY)))
-    attempt("xattr", lambda: os.getxattr(os.path.dirname(path), "user.fusedisk.control"))
+    status = os.path.join(os.path.dirname(path), ".status")
+    attempt("status", lambda: os.close(os.open(status, os.O_RDONLY)))
+    attempt("status-write", lambda: os.close(os.open(status, os.O_WRONLY)))
     print(json.dumps(result))
     """
 )
@@ -189,7 +191,7 @@ def test_mount_is_private_by_default(public_dir: Path) -> None:
         assert os.stat(public_dir).st_mode & 0o005 == 0o005  # nobody can search up to MNT
         probe = probe_as_nobody(m.file)
         assert probe["stat"] == 13 and probe["read"] == 13 and probe["write"] == 13, probe
-        assert probe["xattr"] == 13, probe  # nor learn the control socket's path
+        assert probe["status"] == 13, probe  # nor read the status (the control socket's path)
         assert_still_serving(m, content)
 
 
@@ -203,8 +205,9 @@ def test_allow_other_shows_the_disk_with_its_file_modes(public_dir: Path) -> Non
         probe = probe_as_nobody(m.file)
         assert probe["stat"] == "ok" and probe["read"] == "ok", probe
         assert probe["write"] == 13, f"another user may write the disk: {probe}"
-        # It can read the socket's path from the xattr, yet still not reach the socket.
-        assert probe["xattr"] == "ok", probe
+        # It can read the socket's path from the status file, yet still not reach the socket,
+        # and the status file is read-only for everyone.
+        assert probe["status"] == "ok" and probe["status-write"] == 13, probe
         reply = nobody_python(CLIENT, m.status()["control"], json.dumps({"command": "status"}))
         assert reply == {"errno": 13}, reply
         assert_still_serving(m, content)
