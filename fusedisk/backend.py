@@ -8,12 +8,32 @@ threads by the engine.  All I/O is positional; a short transfer is retried, then
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, cast
 
 # Granularity of sync tracking and of hole detection.
 PAGE = 4096
+# The copier lets at most about this much of what it wrote wait unflushed (start_writeback).
+WRITEBACK_LAG = 8 << 20
+SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """sync_file_range(2) from the C library (the os module has none)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 class ImageFile(Protocol):
@@ -44,6 +64,11 @@ class ImageFile(Protocol):
     def copy_to(self, dst: ImageFile, offset: int, length: int) -> int:
         """Copy [offset, offset+length) to the same offset of ``dst``; return bytes copied
         (fewer only where this file ends).  Blocking: the engine runs it in a thread."""
+        ...
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Start writing [offset, offset+length) back to storage, and wait for what was written
+        WRITEBACK_LAG bytes before it: unflushed data stays bounded (best effort)."""
         ...
 
     def check_in_place(self) -> None:
@@ -145,6 +170,15 @@ class PosixFile:
         data = self.pread(length, offset)
         dst.pwrite(data, offset)
         return len(data)
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        if _sync_file_range is None:
+            return
+        # Errors only mean no help here (a filesystem without page-cache writeback, as FUSE's):
+        # the flush that follows still makes the data durable.
+        _sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
+        if offset >= WRITEBACK_LAG:
+            _sync_file_range(self.fd, offset - WRITEBACK_LAG, length, SYNC_FILE_RANGE_WAIT_ALL)
 
     def check_in_place(self) -> None:
         mine = os.fstat(self.fd)

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from fusedisk.control import STATUS_NAME, request, runtime_dir
+from fusedisk.destination import DEST_TIMEOUT
 from fusedisk.errors import FusediskError, MoveFailed, UsageError
 from fusedisk.units import human, parse_size
 
@@ -207,6 +208,16 @@ def _watch(mountpoint: str, as_json: bool) -> dict[str, Any]:
     return s
 
 
+def parse_seconds(option: str, text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 86400:  # NaN too
+        raise UsageError(message=f"{option} {text!r} is not a number of seconds (0 to 86400)")
+    return seconds
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     mountpoint = _abs(args.mountpoint)
     command = {
@@ -216,6 +227,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "keep_source": args.keep_source,
         "verify": args.verify,
         "force": args.force,
+        "dest_timeout": parse_seconds("--dest-timeout", args.dest_timeout),
     }
     status = request(mountpoint, command)
     if not args.detach:
@@ -287,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-source", action="store_true", help="do not delete the source")
     p.add_argument("--verify", action="store_true", help="compare both files before switching")
     p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    p.add_argument(
+        "--dest-timeout",
+        default=str(DEST_TIMEOUT),
+        metavar="SECONDS",
+        help="longest guest I/O may wait for DEST before the move fails back (default: "
+        "%(default)s; 0: none, DEST is written inline: only for storage that fails, never hangs)",
+    )
     p.add_argument("--detach", action="store_true", help="return once the move has started")
     p.add_argument("--json", action="store_true", help="print the final status as JSON")
     p.set_defaults(func=cmd_migrate)

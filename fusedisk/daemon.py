@@ -8,6 +8,7 @@ flushes the image and closes it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -16,7 +17,7 @@ import signal
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -24,12 +25,18 @@ import trio
 from fusedisk import checks
 from fusedisk.backend import PosixFile
 from fusedisk.control import runtime_dir, serve_control
+from fusedisk.destination import DEST_TIMEOUT, bounded, bounded_sync
 from fusedisk.engine import Disk
 from fusedisk.errors import MoveRefused, UsageError
 from fusedisk.fs import DiskOperations, forget_file_attributes
-from fusedisk.storage import PosixStorage, journal_path, read_journal, read_marker
+from fusedisk.storage import PosixStorage, journal_path, marker_path, read_journal, read_marker
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# How long recovery waits for each step on a destination (a remote may be gone) before it says
+# the destination is unreachable.
+RECOVERY_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ def recover(image: str) -> tuple[str, str | None]:
     Before the switch was recorded the source is the truth: the partial destination is removed
     (the move is not resumed; run it again).  After, the destination is the truth: it is served
     and the source deleted, as the move would have done, whichever path the user named.
+    Every step on the destination's side is bounded (it may be a remote that is gone).
     """
     record = read_journal(image)
     if record is None:
@@ -67,22 +75,41 @@ def recover(image: str) -> tuple[str, str | None]:
             )
     source, dest = str(record["source"]), str(record["destination"])
     storage = PosixStorage()
+
+    def at_destination(what: str, operation: Callable[[], T]) -> T:
+        return bounded_sync(RECOVERY_TIMEOUT, what, dest, operation)
+
     if record["phase"] == "switched":
-        if not os.path.exists(dest):
+        try:
+            present = at_destination(f"looking for {dest}", lambda: os.path.exists(dest))
+            if present:
+                at_destination("removing its marker", lambda: storage.mark_complete(dest))
+        except OSError as e:
+            raise UsageError(
+                message=f"the journal {journal_path(source)} says the disk moved to {dest}, "
+                f"which is unreachable ({e.strerror or e}); nothing was changed: mount again "
+                "once it answers"
+            ) from None
+        if not present:
             raise UsageError(
                 message=f"the journal {journal_path(source)} says the disk moved to {dest}, "
                 "but that file is missing; nothing was changed"
             )
         if os.path.exists(source) and not record.get("keep_source", False):
             storage.remove(source)
-        storage.mark_complete(dest)
         storage.clear_journal(source)
         return dest, f"found a finished move of {source} to {dest}: serving {dest}"
-    if read_marker(dest) == source:
-        storage.remove(dest)
-        done = "removed the partial destination"
-    else:
-        done = "its destination was never created"
+    try:
+        if at_destination("reading its marker", lambda: read_marker(dest)) == source:
+            at_destination(f"removing {dest}", lambda: storage.remove(dest))
+            done = "removed the partial destination"
+        else:
+            done = f"no partial destination at {dest} (never created, or not mounted there now)"
+    except OSError as e:
+        done = (
+            f"its destination is unreachable ({e.strerror or e}): the partial file {dest} "
+            f"and its marker {marker_path(dest)} may remain there"
+        )
     storage.clear_journal(source)
     return source, f"found an unfinished move of {source} to {dest}: {done}, serving {source}"
 
@@ -143,18 +170,23 @@ class Daemon:
         self.disk.check_can_move(dest)
         if self._migrate_lock.locked():
             raise MoveRefused(dest=dest, source=source, reason="a move is already starting")
+        dest_timeout = float(request.get("dest_timeout", DEST_TIMEOUT))
         async with self._migrate_lock:  # checks and start as one step among requests
             try:
-                await trio.to_thread.run_sync(
+                await bounded(
+                    dest_timeout,
+                    f"checking {dest}",
+                    dest,
                     lambda: checks.check_destination(
                         source, dest, self.config.mountpoint, force=bool(request.get("force"))
-                    )
+                    ),
                 )
                 await self.disk.start_move(
                     dest,
                     rate_limit=int(request.get("rate_limit") or 0),
                     keep_source=bool(request.get("keep_source")),
                     verify=bool(request.get("verify")),
+                    dest_timeout=dest_timeout,
                 )
             except OSError as e:
                 raise MoveRefused(dest=dest, source=source, reason=e.strerror or str(e)) from e
@@ -213,6 +245,15 @@ async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
             nursery.cancel_scope.cancel()  # fails back a running move, stops the control server
     finally:
         current = disk.primary if disk is not None else image
-        current.fsync(False)
-        current.close()
-        log.info("flushed and closed %s", current.path)
+        try:
+            current.fsync(False)
+            log.info("flushed %s", current.path)
+        except OSError as e:
+            # Said, never hidden: the last writes the guest did not flush may be lost.
+            raise UsageError(
+                message=f"unmounted, but the final flush of {current.path} failed: "
+                f"{e.strerror or e}; writes the guest had not flushed may be lost"
+            ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                current.close()

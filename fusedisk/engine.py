@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fusedisk.backend import ImageFile
+from fusedisk.destination import DEST_TIMEOUT, Call, Destination, bounded
 from fusedisk.errors import MoveRefused
 from fusedisk.failpoints import crash_point
 from fusedisk.storage import Storage
@@ -33,14 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A held switch waits at most this long for in-flight I/O (a stuck fsync) before it fails back.
-DRAIN_TIMEOUT = 10.0
-
 
 class Disk:
     def __init__(self, image: ImageFile, storage: Storage, nursery: trio.Nursery) -> None:
         self.primary = image  # authoritative: every read comes from here
-        self.mirror: ImageFile | None = None  # the move's destination while mirroring
+        self.mirror: Destination | None = None  # the move's destination while mirroring
         self.syncmap: SyncMap | None = None
         self.locks = RangeLocks()
         self.storage = storage
@@ -50,19 +48,25 @@ class Disk:
         self._inflight = 0
         self._drained: trio.Event | None = None
         self.flushes = 0  # completed guest flushes: proves fsync reaches the daemon
+        self.io_error: str | None = None  # the last error the serving file gave the guest
         self._starting = False
-        self.last_io = 0.0
+        self.io_count = 0  # guest operations served: the copier gives way while it grows
         # Called once another file serves the disk: the FUSE layer drops the kernel's cached
         # attributes (they describe the old file's blocks and times).
         self.on_primary_changed: Callable[[], None] = lambda: None
 
     # ---- the I/O gate -------------------------------------------------------------------
 
-    async def _enter(self) -> None:
+    async def wait_resumed(self) -> None:
+        """Return once guest I/O is not held (by a switch)."""
         while self._resume is not None:
             await self._resume.wait()
+
+    async def _enter(self) -> None:
+        """For an operation that awaits midway: counted in flight, so a hold waits for it."""
+        await self.wait_resumed()
         self._inflight += 1
-        self.last_io = trio.current_time()  # the copier gives way while the guest is busy
+        self.io_count += 1
 
     def _leave(self) -> None:
         self._inflight -= 1
@@ -88,53 +92,97 @@ class Disk:
 
     # ---- guest I/O ----------------------------------------------------------------------
 
-    async def read(self, offset: int, size: int) -> bytes:
-        await self._enter()
+    def try_read(self, offset: int, size: int) -> bytes | None:
+        """Read now; None while I/O is held (then ``await wait_resumed()`` and try again).
+
+        The fast path, synchronous so that the FUSE handler calls it with no coroutine in
+        between (each call level costs about 1 µs per request here: docs/benchmarks.md).  No
+        checkpoint, so no hold can begin while it runs: it need not be counted in flight."""
+        if self._resume is not None:
+            return None
+        self.io_count += 1
         try:
             return self.primary.pread(size, offset)
         except OSError as e:
-            if self.mirror is not None:  # a failing source: stop moving, keep serving
-                self._mirror_failed(f"source read at offset {offset} failed: {e}")
+            self._source_failed(f"read at offset {offset}", e)
             raise
-        finally:
-            self._leave()
+
+    async def read(self, offset: int, size: int) -> bytes:
+        while (data := self.try_read(offset, size)) is None:
+            await self.wait_resumed()
+        return data
+
+    def _source_failed(self, what: str, error: OSError) -> None:
+        """The serving file failed the guest (who gets the error): say so in the status, and
+        stop a move (a failing source cannot be copied)."""
+        self.io_error = f"{what} of {self.primary.path} failed: {error.strerror or error}"
+        if self.mirror is not None:
+            self._mirror_failed(f"source {what} failed: {error}")
+
+    def try_write(self, offset: int, data: bytes) -> bool:
+        """Write now and return True, as :meth:`try_read`; False when the write must wait
+        (I/O held) or be mirrored: then ``await write()``."""
+        if self._resume is not None or self.mirror is not None:
+            return False
+        self.io_count += 1
+        try:
+            self.primary.pwrite(data, offset)
+        except OSError as e:
+            self._source_failed(f"write at offset {offset}", e)
+            raise
+        return True
 
     async def write(self, offset: int, data: bytes) -> int:
+        while not self.try_write(offset, data):
+            if self.mirror is not None:
+                return await self._write_mirrored(offset, data)
+            await self.wait_resumed()
+        return len(data)
+
+    async def _write_mirrored(self, offset: int, data: bytes) -> int:
         await self._enter()
         try:
             if self.mirror is not None:
                 await self.locks.wait_unlocked(offset, offset + len(data))
-            self._write_both(offset, data)  # no checkpoint from here on
+            # No checkpoint from here to the wait: submit, write the source, mark the map.
+            mirrored = self._apply_both(lambda f: f.pwrite(data, offset), "write at offset", offset)
+            if mirrored is not None:
+                assert self.syncmap is not None and self.move is not None
+                # Marked before the destination has it: if it never does, the move fails back
+                # and the map is thrown away; if it does, the copier must not copy it again.
+                self.syncmap.mark_written(offset, offset + len(data))
+                self.move.mirrored_bytes += len(data)
+                await self._wait_mirror(*mirrored)
         finally:
             self._leave()
         return len(data)
 
-    def _write_both(self, offset: int, data: bytes) -> None:
-        if self._apply_both(lambda f: f.pwrite(data, offset), "write at offset", offset):
-            assert self.syncmap is not None and self.move is not None
-            self.syncmap.mark_written(offset, offset + len(data))
-            self.move.mirrored_bytes += len(data)
+    def _apply_both(
+        self, operation: Callable[[ImageFile], None], what: str, where: int
+    ) -> tuple[Destination, Call[None]] | None:
+        """While mirroring, submit ``operation`` to the destination (its thread runs it while
+        this one writes the source); apply it to the source; return what to wait for.
 
-    def _apply_both(self, operation: Callable[[ImageFile], None], what: str, where: int) -> bool:
-        """Apply ``operation`` to the source, then, while mirroring, to the destination; return
-        True if it reached both.  A source error is the guest's (raised) and fails the move back;
-        a destination error fails the move back and is not the guest's: the source, which stays
-        authoritative, has the change.  Synchronous, so nothing interleaves."""
+        A source error is the guest's (raised) and fails the move back; a destination error or
+        a missed deadline, found by :meth:`_wait_mirror`, fails the move back and is not the
+        guest's: the source, which stays authoritative, has the change.  Synchronous, so the
+        order of submits is the order of the guest's operations."""
         mirror = self.mirror
+        call = mirror.submit(operation, f"{what} {where}") if mirror is not None else None
         try:
             operation(self.primary)
         except OSError as e:
-            if mirror is not None:
-                self._mirror_failed(f"source {what} {where} failed: {e}")
+            self._source_failed(f"{what} {where}", e)
             raise
-        if mirror is None:
-            return False
+        return None if mirror is None or call is None else (mirror, call)
+
+    async def _wait_mirror(self, mirror: Destination, call: Call[None]) -> None:
+        """Wait (at most the destination's deadline) for a mirrored operation to land."""
         try:
-            operation(mirror)
+            await mirror.wait(call)
         except OSError as e:
-            self._mirror_failed(f"destination {what} {where} failed: {e}")
-            return False
-        return True
+            if self.mirror is mirror:
+                self._mirror_failed(f"destination {call.what}: {e.strerror or e}")
 
     async def truncate(self, size: int) -> None:
         await self._enter()
@@ -142,15 +190,18 @@ class Disk:
             if self.mirror is not None:
                 # A shrink must not race the copier writing old bytes past the new end.
                 await self.locks.wait_unlocked(min(size, self.primary.size()), math.inf)
-            if self._apply_both(lambda f: f.truncate(size), "truncate to", size):
+            mirrored = self._apply_both(lambda f: f.truncate(size), "truncate to", size)
+            if mirrored is not None:
                 assert self.syncmap is not None
                 self.syncmap.resize(size)
+                await self._wait_mirror(*mirrored)
         finally:
             self._leave()
 
     async def flush(self, datasync: bool = False) -> None:
         """Return once every acknowledged write is durable on the source and, while mirroring,
-        on the destination too (DESIGN.md, "Flush means both")."""
+        on the destination too (DESIGN.md, "Flush means both"), or the destination has failed
+        (or missed its deadline) and the move fails back."""
         await self._enter()
         try:
             primary, mirror = self.primary, self.mirror
@@ -163,19 +214,18 @@ class Disk:
                 except OSError as e:  # raised outside the nursery, so not in an ExceptionGroup
                     primary_error = e
             if primary_error is not None:
-                if mirror is not None and self.mirror is mirror:
-                    self._mirror_failed(f"source flush failed: {primary_error}")
+                self._source_failed("flush", primary_error)
                 raise primary_error
             self.flushes += 1
         finally:
             self._leave()
 
-    async def _flush_mirror(self, mirror: ImageFile, datasync: bool) -> None:
+    async def _flush_mirror(self, mirror: Destination, datasync: bool) -> None:
         try:
-            await trio.to_thread.run_sync(mirror.fsync, datasync)
+            await mirror.run(lambda f: f.fsync(datasync), "flush")
         except OSError as e:
             if self.mirror is mirror:
-                self._mirror_failed(f"destination flush failed: {e}")
+                self._mirror_failed(f"destination flush: {e.strerror or e}")
 
     def size(self) -> int:
         return self.primary.size()
@@ -186,12 +236,25 @@ class Disk:
         """Stop mirroring at once (no later write touches the destination) and have the move's
         task fail back.  Called from synchronous code: it must not await."""
         log.warning("move fails back: %s", reason)
-        self.mirror = None
+        self.stop_mirroring()
         if self.move is not None:
             self.move.fail(reason)
 
+    def stop_mirroring(self) -> None:
+        """From now on no operation touches the destination, and those waiting for it are
+        answered at once: it is given up (it closes its file once nothing uses it)."""
+        mirror, self.mirror, self.syncmap = self.mirror, None, None
+        if mirror is not None:
+            mirror.abandon()
+
     async def start_move(
-        self, dest: str, *, rate_limit: int = 0, keep_source: bool = False, verify: bool = False
+        self,
+        dest: str,
+        *,
+        rate_limit: int = 0,
+        keep_source: bool = False,
+        verify: bool = False,
+        dest_timeout: float = DEST_TIMEOUT,
     ) -> Move:
         """Create ``dest``, start mirroring, and start the copier; return once mirroring is on."""
         from fusedisk.move import Move, run_move
@@ -206,21 +269,32 @@ class Disk:
             record.update(destination=dest, keep_source=keep_source)
             await trio.to_thread.run_sync(self.storage.write_journal, source, record)
             try:
-                dest_file = await trio.to_thread.run_sync(
-                    self.storage.create, dest, self.primary.size(), self.primary, source
+                dest_file = await bounded(
+                    dest_timeout,
+                    f"creating {dest}",
+                    dest,
+                    lambda: self.storage.create(dest, self.primary.size(), self.primary, source),
                 )
             except BaseException:
                 self.storage.clear_journal(source)
                 raise
         finally:
             self._starting = False
-        move = Move(source, dest, rate_limit=rate_limit, keep_source=keep_source, verify=verify)
+        move = Move(
+            source,
+            dest,
+            rate_limit=rate_limit,
+            keep_source=keep_source,
+            verify=verify,
+            dest_timeout=dest_timeout,
+        )
+        mirror = Destination(dest_file, dest_timeout)
         # From here to the end, no checkpoint: no guest write can fall between taking the size
-        # and turning mirroring on.
+        # and turning mirroring on (and the resize is queued before any mirrored write).
         size = self.primary.size()
-        dest_file.truncate(size)
-        self.mirror, self.syncmap, self.move = dest_file, SyncMap(size), move
-        move.begin(dest_file)
+        resized = mirror.submit(lambda f: f.truncate(size), "sizing the destination")
+        self.mirror, self.syncmap, self.move = mirror, SyncMap(size), move
+        move.begin(mirror, resized)
         crash_point("mirroring-started")
         self._nursery.start_soon(run_move, self, move)
         return move
@@ -236,13 +310,20 @@ class Disk:
             raise MoveRefused(dest=dest, source=self.primary.path, reason=reason)
 
     def status(self) -> dict[str, Any]:
+        """Never fails: a serving file that cannot even be stat'ed (a dead remote) is reported."""
+        try:
+            size: int | None = self.primary.size()
+        except OSError as e:
+            size = None
+            self.io_error = f"stat of {self.primary.path} failed: {e.strerror or e}"
         status: dict[str, Any] = {
             "image": self.primary.path,
-            "size": self.primary.size(),
+            "size": size,
             "flushes": self.flushes,
+            "io_error": self.io_error,
         }
         if self.move is None:
             status.update(phase="idle", source=None, destination=None, error=None)
         else:
-            status.update(self.move.status(total=status["size"]))
+            status.update(self.move.status(total=size or 0))
         return status

@@ -14,14 +14,18 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 import xxhash
 
 from fusedisk.backend import PAGE, ImageFile
+from fusedisk.destination import DEST_TIMEOUT, Call, Destination, bounded
 from fusedisk.errors import StateError, VerifyMismatch
 from fusedisk.failpoints import crash_point
+from fusedisk.storage import marker_path
 
 if TYPE_CHECKING:
     from fusedisk.engine import Disk
@@ -29,11 +33,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # the copier's unit: one range held, one thread hand-off
-# While the guest did I/O in the last GUEST_BUSY_WINDOW seconds, the copier pauses GIVE_WAY times
-# as long as each chunk took: measured in docs/benchmarks.md ("copier giving way").
+# When the guest did I/O while a chunk was copied, the copier pauses GIVE_WAY times as long as
+# the chunk took: measured in docs/benchmarks.md ("copier giving way").
 # FUSEDISK_GIVE_WAY tunes it (0: copy flat out, as fast as the machine allows).
-GUEST_BUSY_WINDOW = 0.02
 GIVE_WAY = float(os.environ.get("FUSEDISK_GIVE_WAY", "1.0"))
+# With no destination deadline (--dest-timeout 0), the switch waits at most this long for
+# in-flight I/O (a stuck flush) before it fails back.
+DRAIN_TIMEOUT = 10.0
 
 
 class Phase(enum.Enum):
@@ -59,15 +65,25 @@ class Move:
     """One move's state and counters.  Counters are plain ints updated from the event loop."""
 
     def __init__(
-        self, source: str, dest: str, *, rate_limit: int, keep_source: bool, verify: bool
+        self,
+        source: str,
+        dest: str,
+        *,
+        rate_limit: int,
+        keep_source: bool,
+        verify: bool,
+        dest_timeout: float = DEST_TIMEOUT,
     ) -> None:
         self.source, self.dest = source, dest
         self.keep_source, self.verify = keep_source, verify
+        self.dest_timeout = dest_timeout  # seconds any guest I/O may wait for the destination
         self.phase = Phase.IDLE
         self.step = "starting"
         self.error: str | None = None
         self.switched = False  # the switch record is durable: no failing back from here
-        self.dest_file: ImageFile | None = None
+        self.destination: Destination | None = None  # the destination, until the switch
+        self.old_source: ImageFile | None = None  # after the switch: to close and delete
+        self._resized: Call[None] | None = None  # the destination's first operation
         self.cursor = 0  # the pass has dealt with every byte below this offset
         self.copied_bytes = 0
         self.mirrored_bytes = 0
@@ -100,8 +116,12 @@ class Move:
             self.finished = time.time()
             self.finished_event.set()
 
-    def begin(self, dest_file: ImageFile) -> None:
-        self.dest_file = dest_file
+    async def at_destination(self, what: str, operation: Callable[[], None]) -> None:
+        """A blocking step in the destination's directory, bounded by the deadline."""
+        await bounded(self.dest_timeout, what, self.dest, operation)
+
+    def begin(self, destination: Destination, resized: Call[None]) -> None:
+        self.destination, self._resized = destination, resized
         self.set_phase(Phase.MIRRORING)
 
     def fail(self, reason: str) -> None:
@@ -172,6 +192,7 @@ class Move:
             "rate": round(self.recent_rate()),
             "switch_pause_ms": self.switch_pause_ms,
             "keep_source": self.keep_source,
+            "dest_timeout": self.dest_timeout,
             "verify": self.verify,
             "started": self.started,
             "finished": self.finished,
@@ -189,6 +210,7 @@ async def run_move(disk: Disk, move: Move) -> None:
             await _switch(disk, move)
     except (OSError, trio.TooSlowError, VerifyMismatch) as e:
         move.error = move.error or f"{move.step}: {e}"
+        disk.stop_mirroring()
     except Exception as e:  # a bug: still fail back rather than leave the disk half-moved
         log.exception("move task crashed")
         move.error = move.error or f"{move.step}: internal error {e!r}"
@@ -204,13 +226,16 @@ async def run_move(disk: Disk, move: Move) -> None:
 async def _copy_pass(disk: Disk, move: Move) -> None:
     """Copy, in one pass from start to end, every page that is data on the source and not in sync.
 
-    Each chunk is examined and held in one synchronous step (no checkpoint between finding the
-    extents, reading the sync map and holding the range), so a write either lands before (and the
-    map shows it) or waits until the chunk is copied (and is mirrored over the copy).
+    Each chunk is examined, held and queued to the destination in one synchronous step (no
+    checkpoint between finding the extents, reading the sync map, holding the range and
+    submitting the copy), so a write either lands before (the map shows it, and its mirror is
+    ahead in the destination's queue) or waits until the chunk is copied (and is mirrored over
+    the copy).
     """
     move.step = "copying"
-    source, dest, syncmap = disk.primary, move.dest_file, disk.syncmap
-    assert dest is not None and syncmap is not None
+    source, dest, syncmap = disk.primary, move.destination, disk.syncmap
+    assert dest is not None and syncmap is not None and move._resized is not None
+    await dest.wait(move._resized)
     while True:
         size = source.size()  # again each time: the guest may grow or shrink the disk
         cursor = move.cursor
@@ -224,22 +249,30 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
         end = min(source.next_hole(cursor), cursor + CHUNK, size)
         end = max(min(-(-end // PAGE) * PAGE, size), min(cursor + PAGE, size))
         copied = 0
-        chunk_started = trio.current_time()
+        chunk_started, guest_ops = trio.current_time(), disk.io_count
         with disk.locks.hold(cursor, end):
             runs = syncmap.unsynced_runs(cursor, end)
             move.synced_by_writes_bytes += (end - cursor) - sum(b - a for a, b in runs)
             for a, b in runs:
-                n = await trio.to_thread.run_sync(source.copy_to, dest, a, b - a)
+                n = await dest.run(partial(_copy_run, source, a, b - a), f"copying at {a}")
                 copied += n
                 move.copied_bytes += n
                 crash_point("copy-chunk")
             syncmap.mark_synced(cursor, end)
         move.cursor = end
         await move._throttle(copied)  # the limit is on bytes copied, not on bytes skipped
-        if copied and trio.current_time() - disk.last_io < GUEST_BUSY_WINDOW:
+        if copied and disk.io_count != guest_ops:
             # The guest is doing I/O: leave it the CPU for as long as the copy took (the
             # copier and the daemon's one thread share two cores with the VM).
             await trio.sleep((trio.current_time() - chunk_started) * GIVE_WAY)
+
+
+def _copy_run(source: ImageFile, offset: int, length: int, dest: ImageFile) -> int:
+    """Copy one run and start writing it back, so the destination never holds much unflushed
+    data: a guest flush, or the switch's, then takes one chunk's time, not the whole pass's."""
+    n = source.copy_to(dest, offset, length)
+    dest.start_writeback(offset, n)
+    return n
 
 
 def _digest(image: ImageFile, offset: int, length: int) -> bytes:
@@ -249,29 +282,30 @@ def _digest(image: ImageFile, offset: int, length: int) -> bytes:
 async def _verify(disk: Disk, move: Move) -> None:
     """Compare both files chunk by chunk (xxh3_128) while the guest keeps writing."""
     move.step = "verifying"
-    source, dest = disk.primary, move.dest_file
+    source, dest = disk.primary, move.destination
     assert dest is not None
     offset = 0
     while offset < (size := source.size()):
         end = min(offset + CHUNK, size)
         with disk.locks.hold(offset, end):
-            a = await trio.to_thread.run_sync(_digest, source, offset, end - offset)
-            b = await trio.to_thread.run_sync(_digest, dest, offset, end - offset)
-        if a != b:
+            # Queued behind every mirrored write already submitted for this range.
+            theirs = await dest.run(partial(_digest, offset=offset, length=end - offset), "verify")
+            ours = await trio.to_thread.run_sync(_digest, source, offset, end - offset)
+        if ours != theirs:
             raise VerifyMismatch(
                 source=move.source, dest=move.dest, offset=offset, length=end - offset
             )
         move.verified_bytes = end
         offset = end
-    if source.size() != dest.size():
+    if source.size() != await dest.run(lambda f: f.size(), "size"):
         raise VerifyMismatch(source=move.source, dest=move.dest, offset=size, length=0)
 
 
 async def _switch(disk: Disk, move: Move) -> None:
-    """Hold I/O, flush the destination, record the switch durably, resume on the destination."""
-    from fusedisk.engine import DRAIN_TIMEOUT
+    """Hold I/O, flush the destination, record the switch durably, resume on the destination.
 
-    dest = move.dest_file
+    Every wait on the destination is bounded by its deadline, the held time included."""
+    dest = move.destination
     assert dest is not None
     move.set_phase(Phase.SWITCHING)
     move.step = "flushing destination"
@@ -279,7 +313,7 @@ async def _switch(disk: Disk, move: Move) -> None:
     # switch record aside, so the held time is one small flush and one rename.
     for _ in range(4):
         started = time.perf_counter()
-        await trio.to_thread.run_sync(dest.fsync, True)
+        await dest.run(lambda f: f.fsync(True), "flush")
         if time.perf_counter() - started < 0.002:
             break
     record = {
@@ -289,39 +323,44 @@ async def _switch(disk: Disk, move: Move) -> None:
         "keep_source": move.keep_source,
     }
     await trio.to_thread.run_sync(disk.storage.prepare_journal, move.source, record)
-    await trio.to_thread.run_sync(dest.check_in_place)
+    await dest.run(lambda f: f.check_in_place(), "checking the destination")
     move.step = "holding I/O"
-    async with disk.held_io(drain_timeout=DRAIN_TIMEOUT):
+    async with disk.held_io(drain_timeout=dest.deadline or DRAIN_TIMEOUT):
         held = time.perf_counter()
         if move.error is not None:  # a mirrored write failed just before the hold
             return
         crash_point("switch-held")
-        dest.check_in_place()
-        dest.fsync(True)  # inline: I/O is held anyway; only writes since the last flush
+        await dest.run(lambda f: f.check_in_place(), "checking the destination")
+        await dest.run(lambda f: f.fsync(True), "flush")  # only writes since the last flush
         disk.storage.commit_journal(move.source)
         crash_point("switch-recorded")
-        old = disk.primary
-        disk.primary, disk.mirror, disk.syncmap = dest, None, None
+        move.old_source = disk.primary
+        disk.primary, disk.mirror, disk.syncmap = dest.release(), None, None
         move.switched = True
         move.switch_pause_ms = round((time.perf_counter() - held) * 1000, 3)
     log.info("switched to %s after a %.3f ms pause", move.dest, move.switch_pause_ms)
     disk.on_primary_changed()
-    move.dest_file = old  # from here on, the file to close and delete is the old source
 
 
 async def _finish(disk: Disk, move: Move) -> None:
-    """After the switch: close and delete the source, drop the journal, report done."""
+    """After the switch: close and delete the source, drop the journal, report done.  The VM
+    runs on the destination; a leftover source or marker is garbage, not a risk."""
     move.step = "deleting source" if not move.keep_source else "closing source"
     try:
-        if move.dest_file is not None:
-            move.dest_file.close()
-        await trio.to_thread.run_sync(disk.storage.mark_complete, move.dest)
+        if move.old_source is not None:
+            move.old_source.close()
+        await move.at_destination(
+            "removing the partial-destination marker", lambda: disk.storage.mark_complete(move.dest)
+        )
+    except OSError as e:
+        move.error = f"switched, but the destination did not answer: {e}"
+        log.error("%s", move.error)
+    try:
         if not move.keep_source:
             await trio.to_thread.run_sync(disk.storage.remove, move.source)
             crash_point("source-deleted")
         await trio.to_thread.run_sync(disk.storage.clear_journal, move.source)
     except OSError as e:
-        # The VM runs on the destination; a leftover source is garbage, not a risk.
         move.error = f"switched, but cleaning up {move.source} failed: {e}"
         log.error("%s", move.error)
     move.step = "done"
@@ -329,28 +368,26 @@ async def _finish(disk: Disk, move: Move) -> None:
 
 
 async def _fail_back(disk: Disk, move: Move) -> None:
-    """Stop mirroring, remove the partial destination: the source goes on serving, untouched."""
-    from fusedisk.engine import DRAIN_TIMEOUT
+    """Stop mirroring, remove the partial destination: the source goes on serving, untouched.
 
+    Guest I/O is not held: the destination, given up, answers every operation waiting for it
+    at once, and closes its file itself once nothing can use it."""
     move.step = "failing back"
-    disk.mirror, disk.syncmap = None, None  # no new operation touches the destination
+    disk.stop_mirroring()
     try:
-        # Wait for operations that still use it (a flush in a thread) before closing it, but
-        # never hold the guest's I/O longer than the bound for a destination that hangs.
-        async with disk.held_io(drain_timeout=DRAIN_TIMEOUT):
-            pass
-        if move.dest_file is not None:
-            move.dest_file.close()
-    except trio.TooSlowError:
-        log.error(
-            "I/O on %s did not end in %s s: its descriptor stays open", move.dest, DRAIN_TIMEOUT
+        await move.at_destination(
+            "removing the partial destination", lambda: disk.storage.remove(move.dest)
         )
-    try:
-        await trio.to_thread.run_sync(disk.storage.remove, move.dest)
-        await trio.to_thread.run_sync(disk.storage.clear_journal, move.source)
     except OSError as e:
         log.error("fail-back could not remove %s: %s", move.dest, e)
-        move.error = f"{move.error}; the partial destination could not be removed: {e}"
+        move.error = (
+            f"{move.error}; the partial destination {move.dest} (and its marker "
+            f"{marker_path(move.dest)}) may remain: {e.strerror or e}"
+        )
+    try:
+        await trio.to_thread.run_sync(disk.storage.clear_journal, move.source)
+    except OSError as e:
+        log.error("fail-back could not clear the journal of %s: %s", move.source, e)
     move.step = "failed back"
     move.set_phase(Phase.CANCELLED if move._cancelled_by_user else Phase.FAILED)
     log.warning("move to %s failed back: %s", move.dest, move.error)

@@ -21,6 +21,7 @@ as root in directories other users may write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -82,6 +83,8 @@ def _read_trusted_json(path: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise  # the filesystem failed (a dead remote): not a verdict on the file
         raise UsageError(message=f"refusing {path}: {e.strerror} (not a plain file?)") from None
     with os.fdopen(fd, encoding="utf-8") as f:
         st = os.fstat(fd)

@@ -11,12 +11,12 @@
 Contenders (benchlib.CONTENDERS): raw (the image file), floor (scripts/floor.py, a bare pyfuse3
 passthrough: what the library costs), floor-mirror (floor.py writing every write to a second
 file too: the floor during a move), fusedisk, qsd (qemu-storage-daemon's FUSE export), qsd-nbd
-(its NBD export), fusedisk-move and qsd-move (measured while their image moves), cp. Each
-repetition runs every contender once, interleaved (a, b, c, a, b, c, ...), so the machine's
-noise hits all alike; tables show medians, and ratios as median/median with the per-repetition
-ratios in brackets. Every subcommand prints markdown tables; --json FILE writes them with every
-run's figures, the machine and the code measured. Everything started is stopped, unmounted and
-removed on exit, error, Ctrl-C or SIGTERM.
+(its NBD export), fusedisk-move, fusedisk-move-inline (with --dest-timeout 0) and qsd-move
+(measured while their image moves), cp. Each repetition runs every contender once, interleaved
+(a, b, c, a, b, c, ...), so the machine's noise hits all alike; tables show medians, and ratios
+as median/median with the per-repetition ratios in brackets. Every subcommand prints markdown
+tables; --json FILE writes them with every run's figures, the machine and the code measured.
+Everything started is stopped, unmounted and removed on exit, error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -215,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--before", type=float, default=5, help="writer s before the move (5)")
     s.add_argument("--after", type=float, default=5, help="writer s after the move (5)")
     s.add_argument("--ramp", type=float, default=1.5, help="writer warm-up s, not counted (1.5)")
-    s.add_argument("--rate", default="0", help="copy rate limit of both movers, like 200M")
+    s.add_argument("--rate", default="0", help="copy rate limit of the movers, like 200M")
+    s.add_argument("--remote", action="store_true", help="move to sshfs from a private sshd")
     profile(s)
 
     s = command("guest", bench_guest.run, 2, bench_guest.__doc__)

@@ -1,7 +1,9 @@
 """Live moves, run by `scripts/bench.py move`, each on a fresh non-sparse image; every
 repetition runs each scenario's contenders in turn.
 
-  idle   cp; fusedisk-move (`fusedisk migrate`); qsd-move (blockdev-mirror, then job-complete)
+  idle   cp; fusedisk-move (`fusedisk migrate`); fusedisk-move-inline (the same with
+         --dest-timeout 0: no worker thread, no deadline); qsd-move (blockdev-mirror, then
+         job-complete)
   load   the same moves while fio writes 4 KiB at random, iodepth 16, through the contender;
          and floor and floor-mirror with the same writer and no move: the floors it is judged
          against (the writer's "during" window is then --before seconds long)
@@ -16,6 +18,11 @@ move, at the move's own start and end (fusedisk: the daemon's `started`/`finishe
 mirror command and BLOCK_JOB_COMPLETED's timestamp). fusedisk's switch pause is measured inside
 the daemon; qsd's is job-complete sent -> BLOCK_JOB_COMPLETED, an upper bound. --profile DIR
 then runs one more fusedisk move per scenario under py-spy.
+
+The destination is --dir, or with --remote a directory on sshfs mounted from a private sshd on
+127.0.0.1 (tests/remote.py's fixture; its files are on the same local disk, behind ssh and
+SFTP): moves and cp go there; the floors, which do not move, stay in --dir (floor-mirror's
+second file too).
 """
 
 from __future__ import annotations
@@ -36,9 +43,16 @@ from benchlib import CONTENDERS, MiB, Run, Table, fmt
 from fusedisk.units import parse_size
 
 SCENARIOS = {
-    "idle": ("cp", "fusedisk-move", "qsd-move"),
-    "load": ("fusedisk-move", "qsd-move", "floor", "floor-mirror"),
+    "idle": ("cp", "fusedisk-move", "fusedisk-move-inline", "qsd-move"),
+    "load": ("fusedisk-move", "fusedisk-move-inline", "qsd-move", "floor", "floor-mirror"),
     "split": ("fusedisk-move",),
+}
+LABELS = {  # table columns
+    "fusedisk-move": "fusedisk",
+    "fusedisk-move-inline": "fusedisk inline (--dest-timeout 0)",
+    "qsd-move": "qsd mirror (NBD export)",
+    "floor": "floor",
+    "floor-mirror": "floor-mirror",
 }
 MIN_WINDOW = 0.2  # s: a window shorter than this is too short to quote IOPS for
 
@@ -48,14 +62,19 @@ def run(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
     if not set(scenarios) <= SCENARIOS.keys():
         raise SystemExit(f"bench: the scenarios are {', '.join(SCENARIOS)}")
     plan = [f"{s} {name}" for s in scenarios for name in SCENARIOS[s]]
-    runs = bl.interleave(args.reps, plan, lambda entry: one(args, entry), describe)
-    profiles = {}
-    for scenario in ("idle", "load") if args.profile else ():
-        if f"{scenario} fusedisk-move" in plan:
-            raw = args.profile / f"move-{scenario}.pyspy.txt"
-            profiles[scenario] = one(args, f"{scenario} fusedisk-move", raw)
-            bl.log(f"under py-spy: {describe(profiles[scenario])}")
-    tables = [*idle_tables(runs), *load_tables(runs), *split_tables(runs)]
+    where = "to --dir"
+    if args.remote:  # sshfs passes fsync on to sshd (fsync@openssh.com), which fsyncs the file
+        where = "to sshfs from a private sshd on 127.0.0.1"
+    with ExitStack() as stack:  # the remote, if any, for the whole run
+        args.dest = bl.sshfs_destination(stack, args.dir / "remote") if args.remote else args.dir
+        runs = bl.interleave(args.reps, plan, lambda entry: one(args, entry), describe)
+        profiles = {}
+        for scenario in ("idle", "load") if args.profile else ():
+            if f"{scenario} fusedisk-move" in plan:
+                raw = args.profile / f"move-{scenario}.pyspy.txt"
+                profiles[scenario] = one(args, f"{scenario} fusedisk-move", raw)
+                bl.log(f"under py-spy: {describe(profiles[scenario])}")
+    tables = [*idle_tables(runs, where), *load_tables(runs, where), *split_tables(runs)]
     tables += [bl.profile_table(f"one more {s} move", p["profile"]) for s, p in profiles.items()]
     return tables, {"runs": runs, "profiles": profiles}
 
@@ -71,7 +90,7 @@ def one(args: argparse.Namespace, entry: str, profile: Path | None = None) -> Ru
         image = bl.scratch(stack, args.dir / f"{scenario}-{name}.img")
         bl.make_image(image, size)
         served = CONTENDERS[name].serve(stack, image, args.dir)
-        dest = args.dir / f"{scenario}-{name}.dest"
+        dest = args.dest / f"{scenario}-{name}.dest"
         mover = CONTENDERS[name].mover
         move = mover(stack, served, dest, size) if mover else None
         os.sync()
@@ -109,7 +128,7 @@ def run_cp(args: argparse.Namespace) -> Run:
     """cp timed; then an fdatasync of the copy; then rm of the source and a directory fsync,
     each timed on its own: a durable copy, as a move is."""
     with ExitStack() as stack:
-        src, dst = (bl.scratch(stack, args.dir / f"cp.{end}") for end in ("img", "copy"))
+        src, dst = bl.scratch(stack, args.dir / "cp.img"), bl.scratch(stack, args.dest / "cp.copy")
         bl.make_image(src, args.size * MiB)
         os.sync()
         bl.warm(src)
@@ -210,43 +229,52 @@ class Writer:
 # ---- tables -----------------------------------------------------------------------------------
 
 
-def idle_tables(runs: dict[str, list[Run]]) -> list[Table]:
-    cp, fd, qsd = (runs.get(f"idle {name}", []) for name in SCENARIOS["idle"])
+def idle_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
+    cp = runs.get("idle cp", [])
     if not cp:
         return []
+    movers = {name: runs.get(f"idle {name}", []) for name in SCENARIOS["idle"][1:]}
     t = Table(
-        "Idle move (medians; ratios median/median, per repetition in brackets)",
-        ["", "cp", "cp+fdatasync", "cp+fdatasync+rm", "fusedisk", "qsd mirror"],
+        f"Idle move {where} (medians; ratios median/median, per repetition in brackets; "
+        "cp+fdatasync: cp, then fdatasync of the copied file, not sync -f)",
+        ["", "cp", "cp+fdatasync", "cp+fdatasync+rm", *(LABELS[name] for name in movers)],
     )
     cps = [bl.values(cp, k) for k in ("cp_s", "cp_fdatasync_s", "cp_fdatasync_rm_s")]
-    moves = [bl.values(fd, "move_s"), bl.values(qsd, "move_s")]
-    t.add("time (s)", *map(bl.median, cps + moves))
-    over = [bl.compare(m, cps[0]) for m in moves]
-    t.add("time / cp", *(bl.compare(c, cps[0])[1] for c in cps), *(o[1] for o in over))
-    # fusedisk's move also deletes the source; qsd's mirror leaves it
-    durable = [bl.compare(moves[0], cps[2]), bl.compare(moves[1], cps[1])]
-    t.add("time / durable cp (fusedisk: +rm)", "-", "1.00", "1.00", *(d[1] for d in durable))
+    moves = {name: bl.values(rs, "move_s") for name, rs in movers.items()}
+    t.add("time (s)", *map(bl.median, [*cps, *moves.values()]))
+    over = {name: bl.compare(m, cps[0]) for name, m in moves.items()}
+    t.add("time / cp", *(bl.compare(c, cps[0])[1] for c in cps), *(o[1] for o in over.values()))
+    # fusedisk's moves also delete the source; qsd's mirror leaves it
+    durable = {n: bl.compare(m, cps[1 if n == "qsd-move" else 2]) for n, m in moves.items()}
+    no_cp = ("-", "-", "-")
+    t.add(
+        "time / durable cp (fusedisk: +rm)", "-", "1.00", "1.00", *(d[1] for d in durable.values())
+    )
+    inline = moves["fusedisk-move-inline"]
+    t.add("time / fusedisk inline's", *no_cp, *(bl.compare(m, inline)[1] for m in moves.values()))
     for label, key in {
         "switch pause (ms)": "switch_pause_ms",
         "copied / size": "copied_ratio",
     }.items():
-        t.add(label, "-", "-", "-", bl.med(fd, key), bl.med(qsd, key))
+        t.add(label, *no_cp, *(bl.med(rs, key) for rs in movers.values()))
     v = Table("Idle move targets", ["target", "fusedisk", "goal", "verdict"])
-    v.target("move time / cp", over[0], 1.2, at_most=True)
-    v.target("move time / durable cp", durable[0], 1.2, at_most=True)
-    v.target("move time at most qsd's (s)", bl.median(moves[0]), bl.median(moves[1]), True)
-    v.target("switch pause (ms)", bl.med(fd, "switch_pause_ms"), 10, at_most=True)
+    fd, qsd = moves["fusedisk-move"], moves["qsd-move"]
+    v.target("move time / cp", over["fusedisk-move"], 1.2, at_most=True)
+    v.target("move time / durable cp", durable["fusedisk-move"], 1.2, at_most=True)
+    v.target("move time at most qsd's (s)", bl.median(fd), bl.median(qsd), True)
+    v.target("switch pause (ms)", bl.med(movers["fusedisk-move"], "switch_pause_ms"), 10, True)
     return [t, v]
 
 
-def load_tables(runs: dict[str, list[Run]]) -> list[Table]:
+def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
     cols = {name: runs.get(f"load {name}", []) for name in SCENARIOS["load"]}
     if not any(cols.values()):
         return []
     t = Table(
-        "Under a fio 4 KiB randwrite writer, QD16 (medians; ratios median/median, per "
-        "repetition in brackets; the floors do not move: their 'during' is --before s long)",
-        ["", "fusedisk", "qsd mirror (writer via NBD)", "floor", "floor-mirror"],
+        f"Moving {where} under a fio 4 KiB randwrite writer, QD16 (medians; ratios "
+        "median/median, per repetition in brackets; the floors do not move: their 'during' is "
+        "--before s long; qsd's writer goes through NBD)",
+        ["", *(LABELS[name] for name in cols)],
     )
 
     def row(label: str, *path: str, digits: int = 2) -> None:
@@ -259,7 +287,7 @@ def load_tables(runs: dict[str, list[Run]]) -> list[Table]:
     for window in ("before", "during", "after"):
         row(f"writer IOPS {window}", "writer", window, "iops", digits=0)
     t.add("IOPS during / before", *(bl.compare(iops(n), iops(n, "before"))[1] for n in cols))
-    for peer in ("floor", "floor-mirror", "qsd-move"):
+    for peer in ("floor", "floor-mirror", "qsd-move", "fusedisk-move-inline"):
         t.add(f"IOPS during / {peer}'s", *(bl.compare(iops(n), iops(peer))[1] for n in cols))
     row("worst 1 s IOPS during", "writer", "during", "min_1s_iops", digits=0)
     for window in ("before", "during", "after"):
@@ -274,6 +302,8 @@ def load_tables(runs: dict[str, list[Run]]) -> list[Table]:
     kept = bl.compare(iops("fusedisk-move"), iops("fusedisk-move", "before"))
     v.target("writer IOPS during / before", kept, 0.7)
     v.target("writer IOPS during / floor's", bl.compare(iops("fusedisk-move"), iops("floor")), 0.5)
+    inline = bl.compare(iops("fusedisk-move"), iops("fusedisk-move-inline"))
+    v.target("writer IOPS during, deadline / inline", inline, 0.9)
     qsd_kept = bl.compare(iops("qsd-move"), iops("qsd-move", "before"))[0]
     v.target("writer IOPS during / before, at least qsd's", kept, qsd_kept)
     v.target("switch pause (ms)", bl.med(fd, "switch_pause_ms"), 10, at_most=True)

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -152,6 +153,34 @@ def start_daemon(
     return proc
 
 
+def sshfs_destination(stack: ExitStack, work: Path) -> Path:
+    """A directory on sshfs served by a private sshd on 127.0.0.1 (tests/remote.py's fixture,
+    which keeps its keys, config and logs in ``work``): unmounted, stopped and ``work`` removed
+    when ``stack`` unwinds. They start with SIGINT and SIGHUP blocked, which sshfs and ssh keep
+    (sshd unblocks them, but serves each connection in a session of its own): a terminal's
+    Ctrl-C leaves the mount up until the bench has cancelled the move and unmounts it."""
+    spec = importlib.util.spec_from_file_location("fusedisk_remote", ROOT / "tests" / "remote.py")
+    assert spec is not None and spec.loader is not None
+    remote = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # for dataclasses
+    spec.loader.exec_module(remote)
+    mnt = work / "mnt"
+    on_exit(stack, f"rm -r {work}", _remove_tree, work, mnt)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGHUP})
+    try:
+        sshd = stack.enter_context(remote.private_sshd(work))
+        stack.enter_context(remote.sshfs_mount(sshd, work / "export", mnt))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C held back arrives now
+    log(f"destination: sshfs {mnt}, sshd on 127.0.0.1:{sshd.port} serving {work / 'export'}")
+    return mnt
+
+
+def _remove_tree(path: Path, mountpoint: Path) -> None:
+    if is_mounted(mountpoint):
+        raise RuntimeError(f"{mountpoint} is still mounted; leaving {path}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # ---- contenders -------------------------------------------------------------------------------
 
 
@@ -276,13 +305,17 @@ def serve_qsd(stack: ExitStack, image: Path, work: Path, nbd: bool = False) -> S
 class FusediskMove:
     """`fusedisk migrate MNT DEST --json --rate R`, running while the caller measures."""
 
-    def __init__(self, stack: ExitStack, served: Served, dest: Path, size: int) -> None:
+    def __init__(
+        self, stack: ExitStack, served: Served, dest: Path, size: int, options: Sequence[str] = ()
+    ) -> None:
         self.stack, self.mnt, self.dest = stack, served.file.parent, scratch(stack, dest)
+        self.options = options  # more `fusedisk migrate` options
 
     def start(self, rate: int) -> None:
         command = [sys.executable, "-m", "fusedisk", "migrate", str(self.mnt), str(self.dest)]
+        command += [*self.options, "--json", "--rate", str(rate)]
         # SIGINT, if the bench stops it early, cancels the move
-        self.proc = start(self.stack, [*command, "--json", "--rate", str(rate)], signal.SIGINT, 120)
+        self.proc = start(self.stack, command, signal.SIGINT, 120)
 
     def set_rate(self, rate: int) -> None:
         fusedisk("rate", self.mnt, str(rate))
@@ -307,6 +340,7 @@ class FusediskMove:
             "move_s": round(s["finished"] - s["started"], 3),
             "copied_ratio": round(s["copied_bytes"] / s["size"], 4),
             **{k: s[k] for k in keys},
+            "dest_timeout": s.get("dest_timeout"),  # what the daemon ran with
         }
 
 
@@ -374,11 +408,13 @@ def _event_time(event: dict[str, Any]) -> float:
 class Contender:
     about: str
     serve: Callable[[ExitStack, Path, Path], Served]
-    mover: type[FusediskMove | QsdMirror] | None = None  # measured while its image moves
+    # measured while its image moves: mover(stack, served, dest, size)
+    mover: Callable[[ExitStack, Served, Path, int], FusediskMove | QsdMirror] | None = None
 
 
 nbd = functools.partial(serve_qsd, nbd=True)
 floor_mirror = functools.partial(serve_floor, mirror=True)
+inline = functools.partial(FusediskMove, options=("--dest-timeout", "0"))
 # Every contender of every subcommand, in one place.
 CONTENDERS = {
     "raw": Contender("the image file itself (fio and QEMU open it O_DIRECT)", serve_raw),
@@ -389,6 +425,11 @@ CONTENDERS = {
     "qsd-nbd": Contender("qemu-storage-daemon's NBD export (unix socket)", nbd),
     "fusedisk-move": Contender(
         "fusedisk, moved by `fusedisk migrate`", serve_fusedisk, FusediskMove
+    ),
+    "fusedisk-move-inline": Contender(
+        "fusedisk-move with `--dest-timeout 0`: DEST written inline, no worker, no deadline",
+        serve_fusedisk,
+        inline,
     ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
     "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),

@@ -30,6 +30,7 @@ class MemoryFile:
         self.on_fsync: Callable[[], None] | None = None
         self.on_truncate: Callable[[int], None] | None = None
         self.on_copy_read: Fault | None = None  # after reading the source, before writing dest
+        self.on_close: Callable[[], None] | None = None
 
     def _check(self) -> None:
         if self.closed:
@@ -96,12 +97,17 @@ class MemoryFile:
         self.copied_ranges.append((offset, len(data)))
         return len(data)
 
+    def start_writeback(self, offset: int, length: int) -> None:
+        pass
+
     def check_in_place(self) -> None:
         if self.deleted:
             raise OSError(errno.ENOENT, "the file was deleted or replaced", self.path)
 
     def close(self) -> None:
         self.closed = True
+        if self.on_close:
+            self.on_close()
 
 
 def fail_with(code: int) -> Fault:
@@ -121,6 +127,8 @@ class MemoryStorage:
         self.prepared: dict[str, dict[str, Any]] = {}
         self.partial: set[str] = set()  # destinations not yet switched to
         self.on_create: Callable[[str], None] | None = None
+        self.on_remove: Callable[[str], None] | None = None
+        self.on_mark_complete: Callable[[str], None] | None = None
         self.on_journal: Callable[[dict[str, Any]], None] | None = None
 
     def create(self, path: str, size: int, template: ImageFile, source: str) -> MemoryFile:
@@ -134,10 +142,14 @@ class MemoryStorage:
         return file
 
     def remove(self, path: str) -> None:
+        if self.on_remove:
+            self.on_remove(path)
         self.files.pop(path, None)
         self.partial.discard(path)
 
     def mark_complete(self, path: str) -> None:
+        if self.on_mark_complete:
+            self.on_mark_complete(path)
         self.partial.discard(path)
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:

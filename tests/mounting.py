@@ -82,9 +82,10 @@ def unmount(mountpoint: Path) -> None:
 
 @contextmanager
 def mounted(
-    image: Path, mountpoint: Path, *extra: str, name: str | None = None
+    image: Path, mountpoint: Path, *extra: str, name: str | None = None, exit_code: int = 0
 ) -> Iterator[Mounted]:
-    """Serve ``image`` at ``mountpoint`` with a foreground daemon; always unmount after."""
+    """Serve ``image`` at ``mountpoint`` with a foreground daemon; always unmount after, and
+    check the daemon exits with ``exit_code``."""
     mountpoint.mkdir(exist_ok=True)
     log = mountpoint.parent / f"{mountpoint.name}-daemon.log"
     command = [sys.executable, "-m", "fusedisk", "mount", "--foreground", str(image)]
@@ -104,7 +105,7 @@ def mounted(
             daemon.kill()
             daemon.wait()
             raise AssertionError(f"daemon did not exit after unmount:\n{log.read_text()}") from None
-    assert code == 0, f"daemon exited {code}:\n{log.read_text()}"
+    assert code == exit_code, f"daemon exited {code}:\n{log.read_text()}"
 
 
 def random_image(path: Path, size: int, seed: int = 0) -> bytes:

@@ -246,6 +246,7 @@ class Writer(threading.Thread):
         self.fsync_every, self.pause = fsync_every, pause
         self.writes = 0
         self.errors: list[str] = []
+        self.worst_write = self.worst_fsync = 0.0  # seconds: the longest a guest call waited
         self._stop_asked = threading.Event()
         self._progress = threading.Condition()
 
@@ -270,17 +271,21 @@ class Writer(threading.Thread):
         try:
             while not self._stop_asked.is_set() and self.writes != self.limit:
                 offset, data = self._next()
+                started = time.monotonic()
                 if self.direct:
                     buf[: len(data)] = data
                     done = os.pwritev(fd, [memoryview(buf)[: len(data)]], offset)
                 else:
                     done = os.pwrite(fd, data, offset)
+                self.worst_write = max(self.worst_write, time.monotonic() - started)
                 if done != len(data):
                     self.errors.append(f"short write at {offset}: {done} of {len(data)}")
                     return
                 self.model[offset : offset + len(data)] = data
                 if (self.writes + 1) % self.fsync_every == 0:
+                    started = time.monotonic()
                     os.fsync(fd)
+                    self.worst_fsync = max(self.worst_fsync, time.monotonic() - started)
                 with self._progress:
                     self.writes += 1
                     self._progress.notify_all()
