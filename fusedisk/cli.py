@@ -227,7 +227,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "keep_source": args.keep_source,
         "verify": args.verify,
         "force": args.force,
-        "dest_timeout": parse_seconds("--dest-timeout", args.dest_timeout),
+        "dest_timeout": (
+            parse_seconds("--dest-timeout", args.dest_timeout) if args.dest_timeout else None
+        ),
     }
     status = request(mountpoint, command)
     if not args.detach:
@@ -301,10 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace DEST if it exists")
     p.add_argument(
         "--dest-timeout",
-        default=str(DEST_TIMEOUT),
         metavar="SECONDS",
-        help="longest guest I/O may wait for DEST before the move fails back (default: "
-        "%(default)s; 0: none, DEST is written inline: only for storage that fails, never hangs)",
+        help=f"longest guest I/O may wait for DEST before the move fails back (default: "
+        f"{DEST_TIMEOUT:g} on network and FUSE filesystems, 0 on local ones; 0: no bound, DEST "
+        "is written inline)",
     )
     p.add_argument("--detach", action="store_true", help="return once the move has started")
     p.add_argument("--json", action="store_true", help="print the final status as JSON")

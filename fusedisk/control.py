@@ -18,7 +18,7 @@ import re
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -119,18 +119,23 @@ async def _reply(stream: trio.SocketStream, reply: dict[str, Any]) -> None:
 # ---- the client side (blocking; used by the CLI) -----------------------------------------
 
 
+def mounts() -> Iterator[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount, in /proc/self/mountinfo's order."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+            yield point, fields[fields.index("-") + 1]
+
+
 def mount_type(mountpoint: str) -> str | None:
     """The filesystem type mounted at ``mountpoint`` (the topmost mount), from
     /proc/self/mountinfo: unlike a stat, it answers for a stale mount too."""
     target = os.path.realpath(mountpoint)
     found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            separator = fields.index("-")
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-            if point == target:
-                found = fields[separator + 1]
+    for point, kind in mounts():
+        if point == target:
+            found = kind
     return found
 
 

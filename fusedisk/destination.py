@@ -1,30 +1,37 @@
 """A move's destination, reached through one worker thread of its own, with a deadline on each call.
 
-Why a thread: a destination on a network filesystem can hang inside the kernel for as long as the
+Why threads: a destination on a network filesystem can hang inside the kernel for as long as the
 network or server is gone (NFS hard mounts: hours; a stalled sshfs).  A syscall stuck there can
 be neither interrupted nor cancelled, only abandoned.  So every operation on the destination
-file (mirrored writes and truncates, the copier's chunks, flushes, verify reads, the checks
-before the switch) runs in this one thread, in the order submitted, and the event loop waits
-for each at most ``deadline`` seconds.  One FIFO thread keeps overlapping mirrored writes in the
-order the guest issued them, and keeps each copier chunk in its place among them.
+file runs in one of two worker threads of its own, each first in, first out, and the event loop
+waits for each at most ``deadline`` seconds.  Mirrored writes and truncates have one thread to
+themselves, which keeps overlapping writes in the order the guest issued them and never puts a
+write behind a 1 MiB copy or a flush; the copier's chunks, flushes, verify's reads and the checks
+before the switch share the other.  (The copier and the writes are kept apart by the range locks,
+as with no threads.)
 
 When a call fails or misses its deadline the move fails back, and the destination is abandoned:
-its waiters are answered at once, calls still queued never run, and the thread closes the file
-once its current syscall returns (perhaps never) and ends.  Only this thread ever touches the
-descriptor, so a write that lands late lands in the abandoned file, never in a file that reused
-the descriptor's number; and the next move gets a new thread, so it never waits behind a dead one.
+its waiters are answered at once, calls still queued never run, and the last worker to end
+closes the file, once its current syscall returns (perhaps never).  Only the workers ever touch
+the descriptor, so a write that lands late lands in the abandoned file, never in a file that
+reused the descriptor's number; and the next move gets new workers, so it never waits behind
+dead ones.
 
-With ``deadline == 0`` there is no thread: calls run inline as plain syscalls, and bulk calls in
+With ``deadline == 0`` there are no workers: calls run inline as plain syscalls, and bulk calls in
 trio's threads, with no bound (for local storage that fails rather than hangs; it saves the
 hand-off, see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import errno
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -40,6 +47,8 @@ Operation = Callable[[ImageFile], T]
 
 # How long a guest operation may wait for the destination (``fusedisk migrate --dest-timeout``).
 DEST_TIMEOUT = 1.0
+# A worker reports finished calls in batches, but never holds one back longer than this.
+REPORT_AFTER = 0.001
 
 
 class DestinationTimeout(OSError):
@@ -48,15 +57,23 @@ class DestinationTimeout(OSError):
 
 
 class Call(Generic[T]):
-    """One operation submitted to the worker; its outcome is set in the event loop's thread."""
+    """One operation submitted to a worker; its outcome is set in the event loop's thread."""
 
-    __slots__ = ("done", "operation", "result", "what")
+    __slots__ = ("operation", "result", "submitted", "task", "what")
 
     def __init__(self, operation: Operation[T], what: str) -> None:
         self.operation = operation
         self.what = what
         self.result: outcome.Outcome[T] | None = None
-        self.done = trio.Event()
+        self.task: trio.lowlevel.Task | None = None  # waiting for it
+        self.submitted = 0.0
+
+
+class Lane(enum.Enum):
+    """The destination's two worker threads, each first in, first out."""
+
+    WRITES = "writes"  # mirrored writes and truncates: in the guest's order, never behind a copy
+    BULK = "bulk"  # the copier's chunks, flushes, verify's reads, checks: may take a while
 
 
 class Destination:
@@ -65,53 +82,92 @@ class Destination:
         self.path = file.path
         self.deadline = deadline
         self.abandoned = False
-        self._pending: set[Call[object]] = set()
-        self._queue: queue.SimpleQueue[Call[object] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._pending: dict[Lane, deque[Call[object]]] = {lane: deque() for lane in Lane}
+        self._queues: dict[Lane, queue.SimpleQueue[Call[object] | None]] = {}
+        self._in_call: dict[Lane, Call[object]] = {}  # the call each worker is in (or was last)
+        self._threads: list[threading.Thread] = []
+        self._running = 0  # worker threads not yet ended; the last one closes the file
+        self._lock = threading.Lock()
         self._busy = 0  # with no thread: bulk calls running in trio's threads
         self._closed = False
         self._keep_open = False  # released: the file serves the disk now
+        self._ended = trio.Event()  # given up or released: the watchdog's work is done
         if deadline > 0:
             self._token = trio.lowlevel.current_trio_token()
-            # A daemon thread: one stuck in the kernel must not keep the process from exiting.
-            self._thread = threading.Thread(
-                target=self._work, name=f"fusedisk destination {self.path}", daemon=True
-            )
-            self._thread.start()
-
-    @property
-    def threaded(self) -> bool:
-        return self._thread is not None
+            for lane in Lane:
+                work: queue.SimpleQueue[Call[object] | None] = queue.SimpleQueue()
+                self._queues[lane] = work
+                # Daemon threads: one stuck in the kernel must not keep the process alive.
+                thread = threading.Thread(
+                    target=self._work,
+                    args=(lane, work),
+                    name=f"{lane.value} {self.path}",
+                    daemon=True,
+                )
+                self._threads.append(thread)
+            self._running = len(self._threads)
+            for thread in self._threads:
+                thread.start()
 
     # ---- the event loop's side -----------------------------------------------------------
 
-    def submit(self, operation: Operation[T], what: str) -> Call[T]:
+    def submit(self, operation: Operation[T], what: str, lane: Lane = Lane.WRITES) -> Call[T]:
         """Queue ``operation``; with no thread, run it now.  Never a checkpoint, so a caller's
         synchronous step (write the source, submit the mirror, mark the sync map) stays whole."""
         call: Call[T] = Call(operation, what)
         if self.abandoned:
             call.result = outcome.Error(self._gone(what))
-        elif self._thread is None:
+        elif not self._queues:
             call.result = outcome.capture(operation, self.file)
         else:
-            self._pending.add(call)  # type: ignore[arg-type]
-            self._queue.put(call)  # type: ignore[arg-type]
+            call.submitted = time.monotonic()
+            self._pending[lane].append(call)  # type: ignore[arg-type]
+            self._queues[lane].put(call)  # type: ignore[arg-type]
         return call
 
     async def wait(self, call: Call[T]) -> T:
-        """The call's result, or its error; DestinationTimeout past the deadline.  No
-        checkpoint when it is already done (always so with no thread)."""
+        """The call's result, or its error.  No checkpoint when it is already done (always so
+        with no thread).  The deadline is :meth:`watch`'s to keep: one task for all calls is
+        cheaper than a cancel scope for each (this is on the path of every mirrored write)."""
         if call.result is None:
-            with trio.move_on_after(self.deadline):
-                await call.done.wait()
-            if call.result is None:
-                raise DestinationTimeout(self.path, call.what, self.deadline)
+            call.task = trio.lowlevel.current_task()
+
+            def abort(raise_cancel: object) -> trio.lowlevel.Abort:
+                call.task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        assert call.result is not None
         return call.result.unwrap()
 
-    async def run(self, operation: Operation[T], what: str) -> T:
-        """A bulk operation (a chunk, a flush): in the worker with the deadline, or with no
-        thread of its own in one of trio's."""
-        if self._thread is None and not self.abandoned:
+    async def watch(self, overdue: Callable[[str], None]) -> None:
+        """Until cancelled: when the oldest call in a lane has waited longer than the deadline,
+        give the destination up (answering every waiter) and tell ``overdue`` why."""
+        if not self._queues:
+            return
+        while not self.abandoned:
+            with trio.move_on_after(self.deadline / 8):
+                await self._ended.wait()
+            now = time.monotonic()
+            for lane, calls in self._pending.items():
+                if calls and now - calls[0].submitted > self.deadline:
+                    # The call its worker is stuck in (the ones before it may be done, their
+                    # results on the way in the same batch).
+                    current = self._in_call.get(lane)
+                    stuck = current if current is not None and current.result is None else calls[0]
+                    late = DestinationTimeout(self.path, stuck.what, self.deadline)
+                    self._answer(stuck, outcome.Error(late))
+                    try:
+                        overdue(str(late.strerror))
+                    except Exception:  # never into the daemon's nursery: it serves the disk
+                        log.exception("reporting a late destination failed")
+                    self.abandon()
+                    return
+
+    async def run(self, operation: Operation[T], what: str, lane: Lane = Lane.BULK) -> T:
+        """A bulk operation (a chunk, a flush): in a worker with the deadline, or with no
+        threads of its own in one of trio's."""
+        if not self._queues and not self.abandoned:
             self._busy += 1  # the file stays open until this thread is done with it
             try:
                 return await trio.to_thread.run_sync(operation, self.file)
@@ -119,59 +175,101 @@ class Destination:
                 self._busy -= 1
                 if self.abandoned and not self._busy:
                     self._close_once()
-        return await self.wait(self.submit(operation, what))
+        return await self.wait(self.submit(operation, what, lane))
+
+    async def wait_writes(self) -> None:
+        """Return once every write submitted so far has landed (a barrier in their lane)."""
+        await self.run(lambda f: None, "earlier mirrored writes", Lane.WRITES)
 
     def abandon(self) -> None:
-        """Give the destination up: answer every waiter now, run nothing more, and close the file
-        in the worker once its current call returns (at once with no thread)."""
+        """Give the destination up: answer every waiter now, run nothing more, and close the
+        file once the workers' current calls return (at once with no threads)."""
         if self.abandoned:
             return
         self.abandoned = True
-        for call in self._pending:
-            if call.result is None:
-                call.result = outcome.Error(self._gone(call.what))
-                call.done.set()
-        self._pending.clear()
-        if self._thread is not None:
-            self._queue.put(None)
-        elif not self._busy:
+        for calls in self._pending.values():
+            for call in calls:
+                self._answer(call, outcome.Error(self._gone(call.what)))
+            calls.clear()
+        self._stop_workers()
+        if not self._queues and not self._busy:
             self._close_once()
 
     def release(self) -> ImageFile:
-        """Stop the worker, idle (I/O is held and drained), and hand over the open file: the
+        """Stop the workers, idle (I/O is held and drained), and hand over the open file: the
         destination now serves the disk, inline like any primary."""
-        assert not self._pending, "release only when nothing is in flight"
+        assert not any(self._pending.values()), "release only when nothing is in flight"
         self._keep_open = True
-        self.abandoned = True  # nothing more goes through the worker
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=self.deadline)  # idle: it returns at once
+        self.abandoned = True  # nothing more goes through the workers
+        self._stop_workers()
+        for thread in self._threads:
+            thread.join(timeout=self.deadline)  # idle: they return at once
         return self.file
+
+    def _stop_workers(self) -> None:
+        self._ended.set()
+        for work in self._queues.values():
+            work.put(None)
 
     def _gone(self, what: str) -> OSError:
         return OSError(errno.EIO, f"{what}: the destination was given up", self.path)
 
-    def _complete(self, call: Call[object], result: outcome.Outcome[object]) -> None:
-        self._pending.discard(call)
-        if call.result is None:  # not already answered by abandon()
+    def _complete(
+        self, lane: Lane, done: list[tuple[Call[object], outcome.Outcome[object]]]
+    ) -> None:
+        calls = self._pending[lane]
+        for call, result in done:
+            if calls and calls[0] is call:  # first in, first out; gone if abandoned meanwhile
+                calls.popleft()
+                self._answer(call, result)
+
+    @staticmethod
+    def _answer(call: Call[object], result: outcome.Outcome[object]) -> None:
+        if call.result is None:
             call.result = result
-            call.done.set()
+            if call.task is not None:
+                trio.lowlevel.reschedule(call.task)
+                call.task = None
 
     def _close_once(self) -> None:
         if not self._closed and not self._keep_open:
             self._closed = True
             _close(self.file)
 
-    # ---- the worker thread -----------------------------------------------------------------
+    # ---- the worker threads ----------------------------------------------------------------
 
-    def _work(self) -> None:
-        while (call := self._queue.get()) is not None and not self.abandoned:
-            result = outcome.capture(call.operation, self.file)
-            try:
-                self._token.run_sync_soon(self._complete, call, result)
-            except trio.RunFinishedError:
-                return  # the daemon is gone; so is its descriptor table
-        self._close_once()
+    def _work(self, lane: Lane, work: queue.SimpleQueue[Call[object] | None]) -> None:
+        """Run calls in order; report them in batches: every hand-back costs the event loop's
+        thread a wake-up and both threads a trip for the GIL (docs/benchmarks.md)."""
+        try:
+            going = True
+            while going:
+                batch = [work.get()]
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        batch.append(work.get_nowait())
+                done: list[tuple[Call[object], outcome.Outcome[object]]] = []
+                started = time.monotonic()
+                for call in batch:
+                    if call is None or self.abandoned:
+                        going = False
+                        break
+                    if done and (lane is Lane.BULK or time.monotonic() - started > REPORT_AFTER):
+                        # A slow call must not hold back the results before it.
+                        self._token.run_sync_soon(self._complete, lane, done)
+                        done, started = [], time.monotonic()
+                    self._in_call[lane] = call  # for the watchdog: who is late
+                    done.append((call, outcome.capture(call.operation, self.file)))
+                if done:
+                    self._token.run_sync_soon(self._complete, lane, done)
+        except trio.RunFinishedError:
+            pass  # the daemon is gone; its descriptors go with it
+        finally:
+            with self._lock:
+                self._running -= 1
+                last = self._running == 0
+            if last:  # only now can no call use the descriptor any more
+                self._close_once()
 
 
 async def bounded(deadline: float, what: str, path: str, operation: Callable[[], T]) -> T:

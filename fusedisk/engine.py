@@ -240,6 +240,10 @@ class Disk:
         if self.move is not None:
             self.move.fail(reason)
 
+    def destination_late(self, what: str) -> None:
+        """The destination missed its deadline (the move's watchdog says which call)."""
+        self._mirror_failed(f"destination {what}")
+
     def stop_mirroring(self) -> None:
         """From now on no operation touches the destination, and those waiting for it are
         answered at once: it is given up (it closes its file once nothing uses it)."""
@@ -297,6 +301,8 @@ class Disk:
         move.begin(mirror, resized)
         crash_point("mirroring-started")
         self._nursery.start_soon(run_move, self, move)
+        # Keeps the destination's deadline; ends once it is given up or serves the disk.
+        self._nursery.start_soon(mirror.watch, self.destination_late)
         return move
 
     def check_can_move(self, dest: str) -> None:

@@ -226,11 +226,10 @@ async def run_move(disk: Disk, move: Move) -> None:
 async def _copy_pass(disk: Disk, move: Move) -> None:
     """Copy, in one pass from start to end, every page that is data on the source and not in sync.
 
-    Each chunk is examined, held and queued to the destination in one synchronous step (no
-    checkpoint between finding the extents, reading the sync map, holding the range and
-    submitting the copy), so a write either lands before (the map shows it, and its mirror is
-    ahead in the destination's queue) or waits until the chunk is copied (and is mirrored over
-    the copy).
+    Each chunk is examined and held in one synchronous step (no checkpoint between finding the
+    extents, reading the sync map and holding the range), so a write either lands before (the
+    map shows it; a mirror still on its way carries the bytes the copy reads from the source
+    anyway) or waits until the chunk is copied (and is mirrored over the copy).
     """
     move.step = "copying"
     source, dest, syncmap = disk.primary, move.destination, disk.syncmap
@@ -288,7 +287,7 @@ async def _verify(disk: Disk, move: Move) -> None:
     while offset < (size := source.size()):
         end = min(offset + CHUNK, size)
         with disk.locks.hold(offset, end):
-            # Queued behind every mirrored write already submitted for this range.
+            await dest.wait_writes()  # those submitted before the hold have landed
             theirs = await dest.run(partial(_digest, offset=offset, length=end - offset), "verify")
             ours = await trio.to_thread.run_sync(_digest, source, offset, end - offset)
         if ours != theirs:

@@ -396,6 +396,7 @@ def test_fio_verified_writes_across_a_whole_move(tmp_path: Path) -> None:
         assert "err= 0" in report and "verify:" not in report, report
         assert_moved(m, status, source, dest)
         assert status["mirrored_bytes"] >= 8 * MiB
+        assert status["dest_timeout"] == 0, "a local destination is written inline by default"
 
         again = subprocess.run(
             [*fio, "--verify_only"], capture_output=True, text=True, timeout=120, cwd=tmp_path
@@ -969,6 +970,22 @@ def test_bad_rate_value_is_refused_with_status_1(
     migrate(m, dest, "--rate", SLOW)
     assert_refused(fusedisk("rate", m.mountpoint, rate, timeout=CLI_TIMEOUT), repr(rate))
     assert m.status()["rate_limit"] == SLOW_RATE
+    assert fusedisk("cancel", m.mountpoint, timeout=CLI_TIMEOUT).returncode == 0
+
+
+@pytest.mark.parametrize("seconds", ["soon", "-1", "nan", "1e9"])
+def test_bad_dest_timeout_is_refused_and_a_good_one_is_used(
+    served: tuple[Mounted, Path, bytearray], tmp_path: Path, seconds: str
+) -> None:
+    m, source, model = served
+    before = m.status()
+    dest = tmp_path / "dst" / "disk.img"
+    command = ("migrate", m.mountpoint, dest, f"--dest-timeout={seconds}")
+    line = assert_refused(fusedisk(*command, timeout=CLI_TIMEOUT), "seconds")
+    assert repr(seconds) in line and "--dest-timeout" in line
+    assert not dest.exists()
+    _unchanged(m, source, model, before)
+    assert migrate(m, dest, "--rate", SLOW, "--dest-timeout", "2.5")["dest_timeout"] == 2.5
     assert fusedisk("cancel", m.mountpoint, timeout=CLI_TIMEOUT).returncode == 0
 
 
