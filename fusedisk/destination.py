@@ -141,8 +141,9 @@ class Destination:
         return call.result.unwrap()
 
     async def watch(self, overdue: Callable[[str], None]) -> None:
-        """Until cancelled: when the oldest call in a lane has waited longer than the deadline,
-        give the destination up (answering every waiter) and tell ``overdue`` why."""
+        """Until the destination is given up or released: when the oldest call in a lane has
+        waited longer than the deadline, give the destination up (answering every waiter) and
+        tell ``overdue`` why.  Checks every eighth of the deadline."""
         if not self._queues:
             return
         while not self.abandoned:

@@ -1,15 +1,17 @@
 """The disk engine: serves one image and mirrors writes during a move.  It knows nothing of FUSE.
 
 Concurrency contract (relied on, not hoped for): trio runs one task at a time and switches only
-at checkpoints.  ``read``, ``write`` and ``truncate`` do their file I/O inline, with no checkpoint
-between writing the source, writing the destination and marking the sync map.  So a guest write is
-one indivisible step with respect to every other task: the copier can only interleave with it
-through its thread-side copy, and :class:`~fusedisk.syncmap.RangeLocks` keeps those apart.  The
-only awaits on the I/O path are (a) the I/O gate, closed only while a switch or fail-back holds
-I/O, (b) waiting for a range the copier holds, and (c) fsync, which runs in threads.
+at checkpoints.  ``read``, ``write`` and ``truncate`` do their source I/O inline, and a mirrored
+write submits its destination half (:mod:`fusedisk.destination`), writes the source and marks
+the sync map with no checkpoint in between.  So each is one indivisible step with respect to
+every other task: the copier can only interleave with it through its thread-side copy, and
+:class:`~fusedisk.syncmap.RangeLocks` keeps those apart.  The only awaits on the I/O path are
+(a) the I/O gate, closed only while a switch holds I/O, (b) waiting for a range the copier
+holds, (c) waiting for the destination (at most its deadline), and (d) fsync, in threads.
 
-``_inflight`` counts operations between ``_enter`` and ``_leave``: holding I/O waits for it to
-reach zero, so no operation still uses a file that a switch or fail-back is about to replace.
+``_inflight`` counts operations that await midway, between ``_enter`` and ``_leave``: holding
+I/O waits for it to reach zero, so no operation still uses a file that a switch replaces.  The
+fast paths (``try_read``, ``try_write``) have no checkpoint after the gate and need no count.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 Contenders (benchlib.CONTENDERS): raw (the image file), floor (scripts/floor.py, a bare pyfuse3
 passthrough: what the library costs), floor-mirror (floor.py writing every write to a second
 file too: the floor during a move), fusedisk, qsd (qemu-storage-daemon's FUSE export), qsd-nbd
-(its NBD export), fusedisk-move, fusedisk-move-inline (with --dest-timeout 0) and qsd-move
+(its NBD export), fusedisk-move, fusedisk-move-deadline (with --dest-timeout 1) and qsd-move
 (measured while their image moves), cp. Each repetition runs every contender once, interleaved
 (a, b, c, a, b, c, ...), so the machine's noise hits all alike; tables show medians, and ratios
 as median/median with the per-repetition ratios in brackets. Every subcommand prints markdown

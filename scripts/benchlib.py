@@ -414,7 +414,7 @@ class Contender:
 
 nbd = functools.partial(serve_qsd, nbd=True)
 floor_mirror = functools.partial(serve_floor, mirror=True)
-inline = functools.partial(FusediskMove, options=("--dest-timeout", "0"))
+deadline = functools.partial(FusediskMove, options=("--dest-timeout", "1"))
 # Every contender of every subcommand, in one place.
 CONTENDERS = {
     "raw": Contender("the image file itself (fio and QEMU open it O_DIRECT)", serve_raw),
@@ -426,10 +426,11 @@ CONTENDERS = {
     "fusedisk-move": Contender(
         "fusedisk, moved by `fusedisk migrate`", serve_fusedisk, FusediskMove
     ),
-    "fusedisk-move-inline": Contender(
-        "fusedisk-move with `--dest-timeout 0`: DEST written inline, no worker, no deadline",
+    "fusedisk-move-deadline": Contender(
+        "fusedisk-move with `--dest-timeout 1`: DEST through worker threads, 1 s deadline (the "
+        "default on network and FUSE filesystems; on local ones the default is inline)",
         serve_fusedisk,
-        inline,
+        deadline,
     ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
     "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),
