@@ -109,6 +109,11 @@ class Destination:
             for thread in self._threads:
                 thread.start()
 
+    @property
+    def threaded(self) -> bool:
+        """Reached through worker threads (with a deadline), not inline."""
+        return bool(self._queues)
+
     # ---- the event loop's side -----------------------------------------------------------
 
     def submit(self, operation: Operation[T], what: str, lane: Lane = Lane.WRITES) -> Call[T]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import xxhash
 
-from fusedisk.backend import PAGE, ImageFile
+from fusedisk.backend import PAGE, WRITEBACK_LAG, ImageFile
 from fusedisk.destination import DEST_TIMEOUT, Call, Destination, bounded
 from fusedisk.errors import StateError, VerifyMismatch
 from fusedisk.failpoints import crash_point
@@ -235,6 +235,7 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
     source, dest, syncmap = disk.primary, move.destination, disk.syncmap
     assert dest is not None and syncmap is not None and move._resized is not None
     await dest.wait(move._resized)
+    unflushed = 0  # bytes copied since the last flush (a threaded destination's)
     while True:
         size = source.size()  # again each time: the guest may grow or shrink the disk
         cursor = move.cursor
@@ -253,12 +254,27 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
             runs = syncmap.unsynced_runs(cursor, end)
             move.synced_by_writes_bytes += (end - cursor) - sum(b - a for a, b in runs)
             for a, b in runs:
-                n = await dest.run(partial(_copy_run, source, a, b - a), f"copying at {a}")
+                n = await dest.run(
+                    partial(source.copy_to, offset=a, length=b - a), f"copying at {a}"
+                )
                 copied += n
                 move.copied_bytes += n
                 crash_point("copy-chunk")
             syncmap.mark_synced(cursor, end)
         move.cursor = end
+        if copied:
+            # Outside the held range (a guest write there need not wait for the disk): start
+            # writing the chunk back and wait for what was written 8 MiB before, so the
+            # destination never holds much unflushed data and a guest flush, or the switch's,
+            # takes about one chunk's time, not the whole pass's.
+            await dest.run(partial(_writeback, cursor, end - cursor), "writeback")
+            unflushed += copied
+            if dest.threaded and unflushed >= WRITEBACK_LAG:
+                # A network filesystem keeps written data in its own queue, where writeback
+                # does not reach (sshfs: all of it, until a flush, which then holds up the
+                # guest's writes behind it): a flush every few MiB keeps that queue short.
+                await dest.run(lambda f: f.fsync(True), "flush")
+                unflushed = 0
         await move._throttle(copied)  # the limit is on bytes copied, not on bytes skipped
         if copied and disk.io_count != guest_ops:
             # The guest is doing I/O: leave it the CPU for as long as the copy took (the
@@ -266,12 +282,8 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
             await trio.sleep((trio.current_time() - chunk_started) * GIVE_WAY)
 
 
-def _copy_run(source: ImageFile, offset: int, length: int, dest: ImageFile) -> int:
-    """Copy one run and start writing it back, so the destination never holds much unflushed
-    data: a guest flush, or the switch's, then takes one chunk's time, not the whole pass's."""
-    n = source.copy_to(dest, offset, length)
-    dest.start_writeback(offset, n)
-    return n
+def _writeback(offset: int, length: int, dest: ImageFile) -> None:
+    dest.start_writeback(offset, length)
 
 
 def _digest(image: ImageFile, offset: int, length: int) -> bytes:
