@@ -67,7 +67,7 @@ def load_guest() -> ModuleType:
 
 
 def _mean(values: list[int]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+    return sum(values) / len(values)
 
 
 def report(
@@ -80,7 +80,8 @@ def report(
     after = [i for t, i in writes if t > ended + 1]
     print(f"\n{'guest 4k random writes':<24} {'IOPS (mean of 1 s samples)':>28}")
     for name, values in (("before the move", before), ("during", during), ("after", after)):
-        print(f"{name:<24} {_mean(values):>28.0f}")
+        shown = f"{_mean(values):.0f}" if values else "- (fio had written the whole disk)"
+        print(f"{name:<24} {shown:>28}")
     print(
         f"move: {ended - started:.1f} s; copied {moved['copied_bytes'] >> 20} MiB, "
         f"mirrored {moved['mirrored_bytes'] >> 20} MiB, "
