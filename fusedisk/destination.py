@@ -184,8 +184,10 @@ class Destination:
         return await self.wait(self.submit(operation, what, lane))
 
     async def wait_writes(self) -> None:
-        """Return once every write submitted so far has landed (a barrier in their lane)."""
-        await self.run(lambda f: None, "earlier mirrored writes", Lane.WRITES)
+        """Return once every write submitted so far has landed (a barrier in their lane; with
+        no threads every write landed when it was submitted)."""
+        if self._queues:
+            await self.run(lambda f: None, "earlier mirrored writes", Lane.WRITES)
 
     def abandon(self) -> None:
         """Give the destination up: answer every waiter now, run nothing more, and close the
