@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from fusedisk import checks
-from fusedisk.backend import PosixFile
+from fusedisk.backend import ImageFile, PosixFile
 from fusedisk.control import runtime_dir, serve_control
 from fusedisk.destination import DEST_TIMEOUT, bounded, bounded_sync
 from fusedisk.engine import Disk
@@ -208,27 +208,52 @@ async def _stop_on_signals() -> None:
             return
 
 
+def open_image(image: str) -> tuple[PosixFile, str | None]:
+    """Settle any unfinished move of ``image`` and open, locked, the file to serve; also the
+    line for the user saying what recovery found (None if nothing).  Nothing else is mounted
+    yet, so a refusal here changes nothing."""
+    # Lock before recovering: a daemon still moving this image holds the lock on it (and on
+    # its destination), and its journal must not be "recovered" from under it.
+    record = read_journal(image)
+    first = image
+    if record is not None and record["phase"] == "switched" and not os.path.exists(first):
+        first = str(record["destination"])
+    checks.check_image(first)
+    file = open_locked(first)
+    try:
+        serving, found = recover(image)
+        if serving != first:
+            file.close()
+            checks.check_image(serving)
+            file = open_locked(serving)
+    except BaseException:
+        file.close()
+        raise
+    return file, found
+
+
+def final_flush(image: ImageFile) -> None:
+    """At unmount: make every write durable (the guest may not have flushed its last ones),
+    then close the image."""
+    try:
+        image.fsync(False)
+        log.info("flushed %s", image.path)
+    except OSError as e:
+        # Said, never hidden: the last writes the guest did not flush may be lost.
+        raise UsageError(
+            message=f"unmounted, but the final flush of {image.path} failed: "
+            f"{e.strerror or e}; writes the guest had not flushed may be lost"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            image.close()
+
+
 async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
     """Check, recover, mount and serve until unmounted; ``ready`` gets a line for the user."""
     checks.check_fuse_available()
     checks.check_mountpoint(config.mountpoint)
-    # Lock before recovering: a daemon still moving this image holds the lock on it (and on
-    # its destination), and its journal must not be "recovered" from under it.
-    record = read_journal(config.image)
-    first = config.image
-    if record is not None and record["phase"] == "switched" and not os.path.exists(first):
-        first = str(record["destination"])
-    checks.check_image(first)
-    image = open_locked(first)
-    try:
-        image_path, found = recover(config.image)
-        if image_path != first:
-            image.close()
-            checks.check_image(image_path)
-            image = open_locked(image_path)
-    except BaseException:
-        image.close()
-        raise
+    image, found = open_image(config.image)
     control_path = os.path.join(runtime_dir(), runtime_name(config.mountpoint) + ".sock")
     disk: Disk | None = None
     try:
@@ -244,7 +269,7 @@ async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
             pyfuse3.init(ops, config.mountpoint, options)
             try:
                 nursery.start_soon(_stop_on_signals)
-                log.info("serving %s at %s/%s", image_path, config.mountpoint, config.name)
+                log.info("serving %s at %s/%s", image.path, config.mountpoint, config.name)
                 ready(found or "")
                 await pyfuse3.main()
             finally:
@@ -252,16 +277,4 @@ async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
             log.info("unmounted %s", config.mountpoint)
             nursery.cancel_scope.cancel()  # fails back a running move, stops the control server
     finally:
-        current = disk.primary if disk is not None else image
-        try:
-            current.fsync(False)
-            log.info("flushed %s", current.path)
-        except OSError as e:
-            # Said, never hidden: the last writes the guest did not flush may be lost.
-            raise UsageError(
-                message=f"unmounted, but the final flush of {current.path} failed: "
-                f"{e.strerror or e}; writes the guest had not flushed may be lost"
-            ) from None
-        finally:
-            with contextlib.suppress(OSError):
-                current.close()
+        final_flush(disk.primary if disk is not None else image)

@@ -260,7 +260,7 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
                 copied += n
                 move.copied_bytes += n
                 crash_point("copy-chunk")
-            syncmap.mark_synced(cursor, end)
+            syncmap.copy_reached(end)
         move.cursor = end
         if copied:
             # Outside the held range (a guest write there need not wait for the disk): start
@@ -346,9 +346,12 @@ async def _switch(disk: Disk, move: Move) -> None:
         disk.storage.commit_journal(move.source)
         crash_point("switch-recorded")
         move.old_source = disk.primary
-        disk.primary, disk.mirror, disk.syncmap = dest.release(), None, None
+        # The sync map is freed once I/O resumes, not in the guest's pause.
+        synced, disk.syncmap = disk.syncmap, None
+        disk.primary, disk.mirror = dest.release(), None
         move.switched = True
         move.switch_pause_ms = round((time.perf_counter() - held) * 1000, 3)
+    del synced
     log.info("switched to %s after a %.3f ms pause", move.dest, move.switch_pause_ms)
     disk.on_primary_changed()
 

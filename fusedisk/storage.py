@@ -138,7 +138,11 @@ def _write_new(path: str, data: bytes) -> None:
 
 class PosixStorage:
     def create(self, path: str, size: int, template: ImageFile, source: str) -> ImageFile:
-        _write_new(marker_path(path), json.dumps({"source": source}).encode() + b"\n")
+        # Written aside and renamed into place: a crash never leaves a torn marker (which
+        # recovery would have to refuse, leaving the disk unmountable).
+        marker = marker_path(path)
+        _write_new(marker + ".tmp", json.dumps({"source": source}).encode() + b"\n")
+        os.rename(marker + ".tmp", marker)
         mode = template.stat().st_mode & 0o7777
         try:
             image = PosixFile.create_exclusive(path, size, mode)
@@ -150,7 +154,7 @@ class PosixStorage:
         return image
 
     def remove(self, path: str) -> None:
-        for victim in (path, marker_path(path)):
+        for victim in (path, marker_path(path), marker_path(path) + ".tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(victim)
         fsync_dir(os.path.dirname(path))
@@ -158,6 +162,9 @@ class PosixStorage:
     def mark_complete(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(marker_path(path))
+        # Durable before the source and the journal go: a marker that came back after a power
+        # cut, with them gone, would make the finished destination refuse to mount.
+        fsync_dir(os.path.dirname(path))
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:
         self.prepare_journal(source, record)

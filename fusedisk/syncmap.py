@@ -1,7 +1,10 @@
 """Which pages of the destination already equal the source, and which ranges the copier holds.
 
-``SyncMap`` keeps one byte per 4 KiB page (0.025% of the image size: 256 KiB for 1 GiB) so that
-marking a 1 MiB write is one slice assignment in C, not a Python loop.
+``SyncMap`` costs what mirrored writes touched, never what the image's virtual size is: behind
+the copier's position everything is in sync by construction (copied, written over, or a hole on
+both files), so only the runs of whole pages that mirrored writes covered ahead of it are kept,
+as sorted, disjoint page ranges.  A 64 TiB disk with nothing written ahead of
+the copy costs an empty dict.
 
 ``RangeLocks`` is the guard against the stale overwrite (DESIGN.md, "No stale overwrite"): the
 copier holds the range it is copying; a guest write or truncate that touches a held range waits
@@ -13,15 +16,19 @@ what keeps it apart.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import array
+import bisect
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import trio
 
 from fusedisk.backend import PAGE
 
-SYNCED = 1
-UNSYNCED = 0
+# The runs are kept in at most about this many buckets, whatever the size: each costs a few
+# objects (to allocate, and to free when the map is dropped).  Fixed when the map is made.
+BUCKETS = 4096
+MIN_BUCKET = 256  # pages (1 MiB)
 
 
 def _pages_within(start: int, end: int, size: int) -> tuple[int, int]:
@@ -37,19 +44,42 @@ def _pages_within(start: int, end: int, size: int) -> tuple[int, int]:
 class SyncMap:
     def __init__(self, size: int) -> None:
         self._size = size
-        self._state = bytearray(-(-size // PAGE))
+        self._behind = 0  # pages below this one are in sync: the copier has passed them
+        # Runs of pages ahead of the copier that mirrored writes made equal, by bucket (a
+        # 4096th of the disk or 1 MiB, a power of two pages): in each, [start, end) in pages,
+        # sorted, disjoint and never touching (touching runs are merged; no run crosses a
+        # bucket's edge).  Buckets bound each insertion's cost to one bucket's runs and the
+        # map's fixed cost to a few objects each; arrays of machine integers: 16 bytes a run.
+        pages = -(-size // PAGE)
+        per_bucket = max(1, -(-pages // BUCKETS))
+        self._bucket = max(MIN_BUCKET, 1 << (per_bucket - 1).bit_length())
+        self._buckets: dict[int, tuple[array.array[int], array.array[int]]] = {}
+        self._runs = 0
 
     @property
     def size(self) -> int:
         return self._size
 
+    @property
+    def runs(self) -> int:
+        """How many written runs it remembers (its memory is proportional to this)."""
+        return self._runs
+
     def resize(self, size: int) -> None:
         """Follow a size change.  New pages start unsynced: the copier finds them as holes."""
-        pages = -(-size // PAGE)
-        if pages < len(self._state):
-            del self._state[pages:]
-        else:
-            self._state.extend(bytes(pages - len(self._state)))
+        if size < self._size:
+            self._behind = min(self._behind, -(-size // PAGE))
+            # Whole pages only: a partial last page is not wholly written any more on a regrow.
+            end = size // PAGE
+            for bucket in [b for b in self._buckets if (b + 1) * self._bucket > end]:
+                starts, ends = self._buckets[bucket]
+                keep = bisect.bisect_left(starts, end)
+                self._runs -= len(starts) - keep
+                del starts[keep:], ends[keep:]
+                if ends and ends[-1] > end:
+                    ends[-1] = end
+                if not starts:
+                    del self._buckets[bucket]
         self._size = size
 
     def mark_written(self, start: int, end: int) -> None:
@@ -57,34 +87,64 @@ class SyncMap:
         if end > self._size:
             self.resize(end)
         first, last = _pages_within(start, end, self._size)
-        if last > first:
-            self._state[first:last] = b"\x01" * (last - first)
+        first = max(first, self._behind)
+        while first < last:
+            bucket = first // self._bucket
+            stop = min(last, (bucket + 1) * self._bucket)
+            self._add(bucket, first, stop)
+            first = stop
 
-    def mark_synced(self, start: int, end: int) -> None:
-        """The copier made [start, end) (page-aligned start) equal on both files."""
-        first, last = start // PAGE, -(-min(end, self._size) // PAGE)
-        if last > first:
-            self._state[first:last] = b"\x01" * (last - first)
+    def _add(self, bucket: int, first: int, last: int) -> None:
+        """Add [first, last) to one bucket, merged with every run it overlaps or touches."""
+        if bucket not in self._buckets:
+            self._buckets[bucket] = (array.array("q"), array.array("q"))
+        starts, ends = self._buckets[bucket]
+        low = bisect.bisect_left(ends, first)
+        high = bisect.bisect_right(starts, last)
+        if low == high:
+            starts.insert(low, first)
+            ends.insert(low, last)
+            self._runs += 1
+            return
+        starts[low], ends[low] = min(first, starts[low]), max(last, ends[high - 1])
+        del starts[low + 1 : high], ends[low + 1 : high]
+        self._runs -= high - low - 1
+
+    def copy_reached(self, end: int) -> None:
+        """The copier has dealt with everything below ``end``: all of it is in sync now.
+        (Runs behind it are never looked at again; they go with the map.)"""
+        self._behind = max(self._behind, -(-min(end, self._size) // PAGE))
 
     def unsynced_runs(self, start: int, end: int) -> list[tuple[int, int]]:
         """Byte ranges within [start, end) (start page-aligned) whose pages are not in sync."""
         end = min(end, self._size)
+        page, last = max(start // PAGE, self._behind), -(-end // PAGE)
+        if page >= last:
+            return []
         runs: list[tuple[int, int]] = []
-        state = self._state
-        page, last = start // PAGE, -(-end // PAGE)
-        while page < last:
-            first_unsynced = state.find(b"\x00", page, last)
-            if first_unsynced < 0:
-                break
-            first_synced = state.find(b"\x01", first_unsynced, last)
-            if first_synced < 0:
-                first_synced = last
-            runs.append((first_unsynced * PAGE, min(first_synced * PAGE, end)))
-            page = first_synced
+        for a, b in self._synced_runs(page, last):
+            if a > page:
+                runs.append((page * PAGE, a * PAGE))
+            page = max(page, b)
+        if page < last:
+            runs.append((page * PAGE, end))
         return runs
 
-    def synced_bytes(self) -> int:
-        return min(self._state.count(SYNCED) * PAGE, self._size)
+    def _synced_runs(self, first: int, last: int) -> Iterator[tuple[int, int]]:
+        """The written runs that overlap [first, last) pages, in order."""
+        low, high = first // self._bucket, (last - 1) // self._bucket
+        if high - low < len(self._buckets):
+            buckets: Iterable[int] = range(low, high + 1)
+        else:  # a long range (not the copier's): look only at the buckets there are
+            buckets = sorted(b for b in self._buckets if low <= b <= high)
+        for bucket in buckets:
+            if bucket not in self._buckets:
+                continue
+            starts, ends = self._buckets[bucket]
+            i = bisect.bisect_right(ends, first)
+            while i < len(starts) and starts[i] < last:
+                yield starts[i], ends[i]
+                i += 1
 
 
 class RangeLocks:

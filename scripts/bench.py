@@ -6,7 +6,7 @@
   datapath  fio on the host against each contender, one mount each
   move      live moves, idle and under a writer, against cp, qsd and the floors (bench_move.py)
   guest     fio inside a QEMU guest on each contender, idle and during a move (bench_guest.py)
-  memory    the fusedisk daemon's peak RSS across a move, by image size
+  memory    peak RSS and switch pause moving sparse images up to 64 TiB under a writer
 
 Contenders (benchlib.CONTENDERS): raw (the image file), floor (scripts/floor.py, a bare pyfuse3
 passthrough: what the library costs), floor-mirror (floor.py writing every write to a second
@@ -49,7 +49,7 @@ SUMMARIES = {
     "datapath": "fio on the host against each contender, one mount each",
     "move": "live moves, idle and under a writer, against cp, qsd and the floors",
     "guest": "fio inside a QEMU guest on each contender, idle and during a move",
-    "memory": "the fusedisk daemon's peak RSS across a move, by image size",
+    "memory": "peak RSS and switch pause moving sparse images up to 64 TiB under a writer",
 }
 
 
@@ -149,23 +149,63 @@ def datapath_tables(
 
 
 def memory(args: argparse.Namespace) -> Result:
-    """Peak RSS (VmHWM) of the fusedisk daemon before and after moving a sparse image that
-    holds 64 MiB of random data, for each size."""
-    table = Table("fusedisk daemon, peak RSS", ["image", "before the move (KiB)", "after (KiB)"])
+    """Move sparse images of each virtual size that hold --data MiB of random data (16 MiB
+    extents spread evenly) while fio writes 4 KiB at random offsets across the whole virtual
+    size (move's writer, without fio's random map): the daemon's peak RSS (VmHWM) before and
+    after the move, the switch pause, the move's time, and its single-pass accounting (copied +
+    synced by writes + holes = size).  Sizes past the filesystem's limit (ext4: 16 TiB) need
+    --dir on tmpfs or xfs, like /dev/shm."""
+    table = Table(
+        f"Moving a sparse image holding {args.data} MiB of data while fio writes 4 KiB at "
+        "random offsets across the whole disk (QD16): the daemon's peak RSS, the switch pause",
+        [
+            *("virtual size", "RSS before (MiB)", "RSS after (MiB), <= 64", "pause (ms), <= 2"),
+            "move (s)",
+            *("copied (MiB)", "synced by writes (MiB)", "holes (GiB)", "accounting", "writer IOPS"),
+        ],
+    )
+    runs: dict[str, Run] = {}
     for size in args.sizes:
         with ExitStack() as stack:
             image = bl.scratch(stack, args.dir / f"rss-{size}.img")
-            with open(image, "wb") as f:
-                f.truncate(parse_size(size))
-                f.seek(100 * MiB)
-                f.write(os.urandom(64 * MiB))
+            make_sparse(image, parse_size(size), args.data * MiB)
             served = bl.serve_fusedisk(stack, image, args.dir)
             before = peak_rss_kib(served.pid)
+            prefix = args.dir / f"rss-{size}-writer"
+            writer = bench_move.Writer(stack, served, prefix, ["--norandommap=1"])
             move = bl.FusediskMove(stack, served, args.dir / f"rss-{size}.dest", 0)
+            started = time.time()
             move.start(0)
-            move.wait()
-            table.add(size, str(before), str(peak_rss_kib(served.pid)))
-    return [table], {}
+            r = move.wait()
+            r["writer"] = writer.stop({"during": started})["during"]
+            r["rss_before_kib"], r["rss_after_kib"] = before, peak_rss_kib(served.pid)
+            runs[size] = r
+        total = r["copied_bytes"] + r["synced_by_writes_bytes"] + r["hole_bytes"]
+        table.add(
+            size,
+            f"{before / 1024:.0f}",
+            f"{r['rss_after_kib'] / 1024:.0f} {bl.verdict(r['rss_after_kib'] / 1024, 64, True)}",
+            f"{r['switch_pause_ms']:.2f} {bl.verdict(r['switch_pause_ms'], 2, at_most=True)}",
+            r["move_s"],
+            f"{r['copied_bytes'] / MiB:.0f}",
+            f"{r['synced_by_writes_bytes'] / MiB:.1f}",
+            f"{r['hole_bytes'] / 2**30:.0f}",
+            "exact" if total == r["size"] else f"OFF by {total - r['size']}",
+            r["writer"]["iops"],
+        )
+    return [table], {"runs": runs}
+
+
+def make_sparse(path: Path, size: int, data: int) -> None:
+    """A sparse file of ``size`` bytes with ``data`` bytes of random data in 16 MiB extents
+    spread evenly over it."""
+    extent = min(16 * MiB, data, size)
+    count = max(1, data // extent)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(count):
+            f.seek((size // count * i) // MiB * MiB)
+            f.write(os.urandom(extent))
 
 
 def peak_rss_kib(pid: int | None) -> int:
@@ -228,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-logs", action="store_true", help="keep the guests' consoles")
 
     s = command("memory", memory, 1, memory.__doc__)
-    s.add_argument("--sizes", nargs="+", default=["1G", "8G"], help="%(default)s")
+    s.add_argument("--sizes", nargs="+", default=["1G", "1T", "64T"], help="%(default)s")
+    s.add_argument("--data", type=int, default=1024, help="MiB of data (%(default)s)")
     return p
 
 

@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -172,14 +173,16 @@ class Writer:
     """fio writing 4 KiB at random, iodepth 16, through a file (libaio, O_DIRECT) or an NBD URI
     (fio's nbd engine: libnbd, as asynchronous as libaio), logging each write's latency."""
 
-    def __init__(self, stack: ExitStack, served: bl.Served, prefix: Path) -> None:
+    def __init__(
+        self, stack: ExitStack, served: bl.Served, prefix: Path, options: Sequence[str] = ()
+    ) -> None:
         if served.nbd:
             target = ["--ioengine=nbd", f"--uri={served.nbd}"]
         else:
             target = [f"--filename={served.file}", "--ioengine=libaio", "--direct=1"]
         command = ["fio", "--name=writer", *target, "--rw=randwrite", "--bs=4k", "--iodepth=16"]
         command += ["--time_based=1", "--runtime=3600", "--randrepeat=0", "--output-format=json"]
-        command += [f"--write_lat_log={prefix}", "--log_unix_epoch=1"]
+        command += [f"--write_lat_log={prefix}", "--log_unix_epoch=1", *options]
         self.log = [bl.scratch(stack, Path(f"{prefix}_{k}.1.log")) for k in ("lat", "clat", "slat")]
         self.started = time.time()
         self.proc = bl.start(stack, command, signal.SIGINT, 30)  # fio then writes its logs

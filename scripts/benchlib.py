@@ -333,7 +333,8 @@ class FusediskMove:
         if self.proc.returncode:
             raise RuntimeError(f"fusedisk migrate failed: {err.strip()}")
         s = json.loads(out)
-        keys = ("switch_pause_ms", "copied_bytes", "mirrored_bytes", "synced_by_writes_bytes")
+        keys: tuple[str, ...] = ("switch_pause_ms", "copied_bytes", "mirrored_bytes")
+        keys += ("synced_by_writes_bytes", "hole_bytes", "size")
         return {
             "started": s["started"],
             "finished": s["finished"],
