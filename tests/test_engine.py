@@ -13,6 +13,7 @@ import random
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
 import trio
@@ -367,18 +368,55 @@ async def test_verify_mismatch_fails_back() -> None:
         assert disk.primary is src and "/dst" not in storage.files
 
 
-async def test_verify_passes_under_writes() -> None:
-    src = image(2 * MiB)
-    async with disk_on(src) as (disk, storage):
-        model = bytearray(src.data)
-        move = await disk.start_move("/dst", verify=True)
-        for i in range(50):
-            await disk.write(i * 40000, b"v" * 3000)
-            model[i * 40000 : i * 40000 + 3000] = b"v" * 3000
-            await trio.sleep(0)
+@pytest.mark.parametrize("dest_timeout", [0.0, 1.0], ids=["inline", "worker"])
+async def test_verify_passes_under_writes(dest_timeout: float) -> None:
+    """Guest writes land while verify runs, forced at each chunk it compares: one into that
+    chunk (it must wait: landing between the reads of the two files, it would make their
+    digests differ), one into a chunk not yet verified and one into a chunk verified already.
+
+    The writes are issued from the hook on verify's second read of each chunk (in its thread),
+    and that read goes on only once each has landed or is blocked."""
+    size, chunk = 3 * MiB, move_module.CHUNK
+    src = image(size)
+    token = trio.lowlevel.current_trio_token()
+    model = bytearray(src.data)
+    while_verifying: list[int] = []  # writes issued while move.step == "verifying"
+    reads: dict[str, list[tuple[int, int]]] = {"source": [], "destination": []}
+    async with disk_on(src) as (disk, storage), trio.open_nursery() as writers:
+        move = await disk.start_move("/dst", verify=True, dest_timeout=dest_timeout)
+
+        async def guest_write(offset: int, fill: int) -> None:
+            if move.step == "verifying":
+                while_verifying.append(offset)
+            data = bytes([fill]) * 3000
+            model[offset : offset + len(data)] = data  # in the order issued: none overlap
+            await disk.write(offset, data)
+
+        async def write_while_verifying(offset: int) -> None:
+            n = offset // chunk
+            writers.start_soon(guest_write, offset + 4000 * n + 7, 0x40 + n)  # this chunk
+            for other in (offset + chunk, offset - chunk):  # not yet verified, verified
+                if 0 <= other < size:
+                    await guest_write(other + 20000 + 4000 * n, 0x50 + n)
+            # Let the write into this chunk land, or block on the range verify holds.
+            await trio.testing.wait_all_tasks_blocked()
+
+        def on_read(which: str, other: str, offset: int, length: int) -> None:
+            if move.step != "verifying":
+                return  # the copy pass reads the source too
+            reads[which].append((offset, length))
+            if (offset, length) in reads[other]:  # the other file's digest is taken
+                trio.from_thread.run(write_while_verifying, offset, trio_token=token)
+
+        src.on_read = partial(on_read, "source", "destination")
+        storage.files["/dst"].on_read = partial(on_read, "destination", "source")
         await finished(move)
-        assert move.phase is Phase.DONE and move.verified_bytes == 2 * MiB
-        assert storage.files["/dst"].data == model  # later writes went to it alone
+    assert move.phase is Phase.DONE, move.error
+    assert move.verified_bytes == size
+    chunks = [(offset, min(chunk, size - offset)) for offset in range(0, size, chunk)]
+    assert reads == {"source": chunks, "destination": chunks}  # all of both compared
+    assert len(while_verifying) == 3 * len(chunks) - 2, while_verifying
+    assert storage.files["/dst"].data == model  # every write, through verify and the switch
 
 
 async def test_source_write_error_reaches_the_guest_and_fails_back() -> None:
@@ -409,16 +447,40 @@ async def test_cancel_fails_back_and_removes_the_destination() -> None:
         assert again.phase is Phase.DONE
 
 
-async def test_rate_limit_is_honoured_and_changeable() -> None:
-    src = image(2 * MiB)
-    async with disk_on(src) as (disk, _):
-        start = trio.current_time()
+async def test_rate_limit_is_honoured_and_changeable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copier never runs ahead of the limit by more than the chunk it copies before it
+    sleeps, and a changed limit takes effect at once: raised, the copy goes faster than the old
+    limit allows; lifted (0), the rest is copied flat out.
+
+    The image is 16 times what the first limit allows in each measured span, in 64 KiB chunks:
+    a copier that ignores a limit copies all of it (or most) in a span, far past the bound."""
+    monkeypatch.setattr(move_module, "CHUNK", 64 * 1024)
+    src = image(32 * MiB)
+    span = 0.25  # seconds measured under each limit
+    async with disk_on(src) as (disk, storage):
+        started = trio.current_time()
         move = await disk.start_move("/dst", rate_limit=1 * MiB)
-        await trio.sleep(0.5)
-        assert move.cursor <= 1 * MiB + move_module.CHUNK  # about half a second's worth
+        await trio.sleep(span)
+        slow = move.copied_bytes
+        elapsed = trio.current_time() - started
+        assert 0 < slow <= 1 * MiB * elapsed + move_module.CHUNK, (slow, elapsed)
+
+        move.set_rate_limit(4 * MiB)
+        changed = trio.current_time()
+        await trio.sleep(span)
+        faster = move.copied_bytes - slow
+        elapsed = trio.current_time() - changed
+        assert faster <= 4 * MiB * elapsed + move_module.CHUNK, (faster, elapsed)
+        # More than the old limit allows: the new one is in force (ignored, this is ~0.3 MiB).
+        assert faster > 1 * MiB * elapsed + move_module.CHUNK, (faster, elapsed)
+
         move.set_rate_limit(0)
+        lifted = trio.current_time()
         await finished(move)
-        assert move.phase is Phase.DONE and trio.current_time() - start < 5
+        assert move.phase is Phase.DONE, move.error
+        # The rest (about 30 MiB) at the previous limit would take over 7 s.
+        assert trio.current_time() - lifted < 3.0
+        assert storage.files["/dst"].data == src.data
 
 
 async def test_illegal_transition_is_refused() -> None:

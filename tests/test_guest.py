@@ -62,12 +62,21 @@ def _check_fio(result: Any) -> None:
 def _migrate_while_writing(
     mount: Mounted, run: Any, dest: Path, *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    """Start a move once fio runs in the guest; return the finished migrate command."""
+    """Start a move once fio runs in the guest; return the finished migrate command, having
+    checked that the guest wrote during the move (its status counts the writes mirrored)."""
     assert run.wait_started(180), "fio never started in the guest"
     time.sleep(1.0)  # let the guest's writes get going: the move must overlap them
     result = fusedisk("migrate", mount.mountpoint, dest, *extra, timeout=300)
     assert run.poll() is None, "the guest finished before the move did: no overlap to test"
+    if result.returncode == 0:
+        _check_overlap(mount)
     return result
+
+
+def _check_overlap(mount: Mounted) -> None:
+    """The move that just ended mirrored guest writes: they overlapped it."""
+    status = mount.status()
+    assert status["mirrored_bytes"] > 0, f"no guest write during the move: {status}"
 
 
 @pytest.fixture
@@ -164,6 +173,7 @@ def test_guest_keeps_running_across_two_moves(
         second = fusedisk("migrate", raw_mount.mountpoint, back, timeout=300)
         assert second.returncode == 0, second.stderr
         assert run.poll() is None, "the guest finished before the second move did"
+        _check_overlap(raw_mount)
         result = run.wait()
     _check_fio(result)
     status = raw_mount.status()

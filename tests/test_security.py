@@ -387,21 +387,42 @@ def plant_as_nobody(kind: str, path: Path, value: str) -> None:
     nobody_python(PLANT, kind, path, value)
 
 
+@pytest.mark.parametrize("phase", ["mirroring", "switched"])
 def test_a_journal_planted_by_another_user_is_not_obeyed(
-    shared_images: Path, public_dir: Path
+    shared_images: Path, public_dir: Path, phase: str
 ) -> None:
+    """A record nobody planted beside the image, naming a file of root's as the destination.
+    Obeyed, "mirroring" would have that file removed as a partial destination (were its marker
+    there too); "switched" would have the image deleted and the other file served in its place.
+    """
     image, victim = shared_images / "disk.img", public_dir / "victim.conf"
-    record = {"phase": "mirroring", "source": str(image), "destination": str(victim)}
+    content = image.read_bytes()
+    record: dict[str, object] = {"phase": phase, "source": str(image), "destination": str(victim)}
+    if phase == "switched":
+        record["keep_source"] = False
     plant_as_nobody("file", shared_images / ".disk.img.fusedisk-move", json.dumps(record))
-    result = fusedisk("mount", image, public_dir / "mnt")
+    mountpoint = public_dir / "mnt"
+    result = fusedisk("mount", image, mountpoint)
+    served: tuple[str, bytes] | None = None  # the file the mount serves, and its bytes
     if result.returncode == 0:
-        assert fusedisk("unmount", public_dir / "mnt").returncode == 0
-    assert victim.exists(), f"mounting {image} deleted {victim}, named by a planted journal"
-    assert image.exists()
+        try:
+            facts = fusedisk("status", mountpoint, "--json")
+            assert facts.returncode == 0, facts.stderr
+            served = json.loads(facts.stdout)["image"], (mountpoint / image.name).read_bytes()
+        finally:
+            unmounted = fusedisk("unmount", mountpoint)
+        assert unmounted.returncode == 0, unmounted.stderr
+    assert victim.read_bytes() == b"precious\n", f"{victim}, named by a planted journal, changed"
+    assert image.exists(), f"mounting {image} deleted it, as a planted journal said"
+    assert image.read_bytes() == content
     # Refusing (one line naming the journal) or ignoring the journal are both safe.
     if result.returncode:
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and ".disk.img.fusedisk-move" in lines[0], lines
+    else:
+        assert served is not None
+        assert served[0] == str(image), f"it served {served[0]}, not {image}"
+        assert served[1] == content, "the mount served other bytes than the image's"
 
 
 def test_a_symlink_planted_as_the_journal_is_not_followed(
