@@ -27,9 +27,10 @@ from fusedisk.backend import ImageFile, PosixFile
 from fusedisk.control import runtime_dir, serve_control
 from fusedisk.destination import DEST_TIMEOUT, bounded, bounded_sync
 from fusedisk.engine import Disk
-from fusedisk.errors import MoveRefused, UsageError
+from fusedisk.errors import FusediskError, MoveRefused, UsageError
 from fusedisk.fs import DiskOperations, forget_file_attributes
 from fusedisk.storage import PosixStorage, journal_path, marker_path, read_journal, read_marker
+from fusedisk.units import human
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class MountConfig:
     mountpoint: str  # absolute
     name: str
     allow_other: bool = False
+    resume: bool = True  # resume a move a crash interrupted (else roll it back)
 
 
 def runtime_name(mountpoint: str) -> str:
@@ -52,20 +54,25 @@ def runtime_name(mountpoint: str) -> str:
     return "mnt-" + hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
 
 
-def recover(image: str) -> tuple[str, str | None]:
+Recovered = tuple[str, str | None, dict[str, Any] | None]
+
+
+def recover(image: str, resume: bool = True) -> Recovered:
     """Settle a move that a crash or a kill left unfinished, found from either of its files.
 
-    Returns the image to serve and a line saying what was found and done (None if nothing).
-    Before the switch was recorded the source is the truth: the partial destination is removed
-    (the move is not resumed; run it again).  After, the destination is the truth: it is served
-    and the source deleted, as the move would have done, whichever path the user named.
+    Returns the image to serve, a line saying what was found and done (None if nothing), and
+    the journal's record if the move is to be resumed.  Before the switch was recorded the
+    source is the truth: the move is resumed from its last checkpoint if it has one, its
+    destination is still the file it created (marked, same inode) and ``resume`` allows;
+    otherwise the partial destination is removed.  After, the destination is the truth: it is
+    served and the source deleted, as the move would have done, whichever path the user named.
     Every step on the destination's side is bounded (it may be a remote that is gone).
     """
     record = read_journal(image)
     if record is None:
         source = read_marker(image)
         if source is None:
-            return image, None
+            return image, None, None
         # ``image`` is a destination fusedisk created: only a recorded switch makes it the truth.
         record = read_journal(source) if os.path.exists(journal_path(source)) else None
         if record is None or record["phase"] != "switched" or record["destination"] != image:
@@ -98,9 +105,15 @@ def recover(image: str) -> tuple[str, str | None]:
         if os.path.exists(source) and not record.get("keep_source", False):
             storage.remove(source)
         storage.clear_journal(source)
-        return dest, f"found a finished move of {source} to {dest}: serving {dest}"
+        return dest, f"found a finished move of {source} to {dest}: serving {dest}", None
+    checkpoint = record.get("checkpoint")
     try:
-        if at_destination("reading its marker", lambda: read_marker(dest)) == source:
+        ours = at_destination("reading its marker", lambda: read_marker(dest)) == source
+        if ours and resume and checkpoint is not None:
+            found = at_destination(f"looking at {dest}", lambda: _file_id(dest))
+            if found == checkpoint.get("destination_id"):
+                return source, _resuming(source, dest, checkpoint), record
+        if ours:
             at_destination(f"removing {dest}", lambda: storage.remove(dest))
             done = "removed the partial destination"
         else:
@@ -111,7 +124,21 @@ def recover(image: str) -> tuple[str, str | None]:
             f"and its marker {marker_path(dest)} may remain there"
         )
     storage.clear_journal(source)
-    return source, f"found an unfinished move of {source} to {dest}: {done}, serving {source}"
+    return source, f"found an unfinished move of {source} to {dest}: {done}, serving {source}", None
+
+
+def _file_id(path: str) -> list[int]:
+    st = os.stat(path, follow_symlinks=False)
+    return [st.st_dev, st.st_ino]
+
+
+def _resuming(source: str, dest: str, checkpoint: dict[str, Any]) -> str:
+    marked = len(checkpoint["marks"]) * int(checkpoint["region"])
+    return (
+        f"found an unfinished move of {source} to {dest}: resuming it from its checkpoint at "
+        f"{human(int(checkpoint['cursor']))} (copying again at most {human(marked)} below it); "
+        f"serving {source} meanwhile ('fusedisk cancel' rolls it back)"
+    )
 
 
 def open_locked(image: str) -> PosixFile:
@@ -208,10 +235,13 @@ async def _stop_on_signals() -> None:
             return
 
 
-def open_image(image: str) -> tuple[PosixFile, str | None]:
+def open_image(
+    image: str, resume: bool = True
+) -> tuple[PosixFile, str | None, dict[str, Any] | None]:
     """Settle any unfinished move of ``image`` and open, locked, the file to serve; also the
-    line for the user saying what recovery found (None if nothing).  Nothing else is mounted
-    yet, so a refusal here changes nothing."""
+    line for the user saying what recovery found (None if nothing) and the record of a move
+    to resume (see :func:`recover`).  Nothing else is mounted yet, so a refusal here changes
+    nothing."""
     # Lock before recovering: a daemon still moving this image holds the lock on it (and on
     # its destination), and its journal must not be "recovered" from under it.
     record = read_journal(image)
@@ -221,7 +251,7 @@ def open_image(image: str) -> tuple[PosixFile, str | None]:
     checks.check_image(first)
     file = open_locked(first)
     try:
-        serving, found = recover(image)
+        serving, found, resumed = recover(image, resume)
         if serving != first:
             file.close()
             checks.check_image(serving)
@@ -229,7 +259,20 @@ def open_image(image: str) -> tuple[PosixFile, str | None]:
     except BaseException:
         file.close()
         raise
-    return file, found
+    return file, found, resumed
+
+
+async def resume_move(disk: Disk, image: str, record: dict[str, Any]) -> str:
+    """Resume the move recovery found; if that fails, roll it back.  Returns what happened."""
+    dest_timeout = float(record.get("dest_timeout", DEST_TIMEOUT))
+    try:
+        await disk.resume_move(record, dest_timeout)
+        return ""
+    except (OSError, FusediskError) as e:
+        log.warning("resuming the move to %s failed: %s", record["destination"], e)
+        reason = getattr(e, "strerror", None) or str(e)
+        _, found, _ = await trio.to_thread.run_sync(recover, image, False)
+        return f"; resuming failed ({reason}): {found}"
 
 
 def final_flush(image: ImageFile) -> None:
@@ -253,7 +296,7 @@ async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
     """Check, recover, mount and serve until unmounted; ``ready`` gets a line for the user."""
     checks.check_fuse_available()
     checks.check_mountpoint(config.mountpoint)
-    image, found = open_image(config.image)
+    image, found, resumed = open_image(config.image, config.resume)
     control_path = os.path.join(runtime_dir(), runtime_name(config.mountpoint) + ".sock")
     disk: Disk | None = None
     try:
@@ -262,8 +305,13 @@ async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
             disk.on_primary_changed = forget_file_attributes
             daemon = Daemon(config, disk, control_path)
             await nursery.start(serve_control, control_path, daemon.handle)
+            if resumed is not None:
+                found = (found or "") + await resume_move(disk, config.image, resumed)
             ops = DiskOperations(disk, config.name, daemon.facts, daemon.requests)
-            options = set(pyfuse3.default_options) | {"fsname=fusedisk", "subtype=fusedisk"}
+            # The source column of mount(8) and /proc/mounts: the image, as fstab names it
+            # (so `mount -a` knows the line is mounted), escaped for FUSE's option parser.
+            fsname = config.image.replace("\\", "\\\\").replace(",", "\\,")
+            options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=fusedisk"}
             if config.allow_other:
                 options.add("allow_other")
             pyfuse3.init(ops, config.mountpoint, options)

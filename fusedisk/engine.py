@@ -28,6 +28,7 @@ from fusedisk.backend import ImageFile
 from fusedisk.destination import DEST_TIMEOUT, Call, Destination, bounded
 from fusedisk.errors import MoveRefused
 from fusedisk.failpoints import crash_point
+from fusedisk.intent import Intent, region_size, trusted_runs
 from fusedisk.storage import Storage
 from fusedisk.syncmap import RangeLocks, SyncMap
 
@@ -42,6 +43,7 @@ class Disk:
         self.primary = image  # authoritative: every read comes from here
         self.mirror: Destination | None = None  # the move's destination while mirroring
         self.syncmap: SyncMap | None = None
+        self.intent: Intent | None = None  # the move's write-intent record, while mirroring
         self.locks = RangeLocks()
         self.storage = storage
         self.move: Move | None = None  # the current or last move
@@ -124,7 +126,7 @@ class Disk:
     def try_write(self, offset: int, data: bytes) -> bool:
         """Write now and return True, as :meth:`try_read`; False when the write must wait
         (I/O held) or be mirrored: then ``await write()``."""
-        if self._resume is not None or self.mirror is not None:
+        if self._resume is not None or self.mirror is not None or self.intent is not None:
             return False
         self.io_count += 1
         try:
@@ -138,14 +140,16 @@ class Disk:
         while not self.try_write(offset, data):
             if self.mirror is not None:
                 return await self._write_mirrored(offset, data)
+            if self.intent is not None:  # a fail-back is withdrawing the move's promises
+                await self.intent.settled.wait()
+                continue
             await self.wait_resumed()
         return len(data)
 
     async def _write_mirrored(self, offset: int, data: bytes) -> int:
         await self._enter()
         try:
-            if self.mirror is not None:
-                await self.locks.wait_unlocked(offset, offset + len(data))
+            await self._ready_to_mirror(offset, offset + len(data))
             # No checkpoint from here to the wait: submit, write the source, mark the map.
             mirrored = self._apply_both(lambda f: f.pwrite(data, offset), "write at offset", offset)
             if mirrored is not None:
@@ -154,10 +158,40 @@ class Disk:
                 # and the map is thrown away; if it does, the copier must not copy it again.
                 self.syncmap.mark_written(offset, offset + len(data))
                 self.move.mirrored_bytes += len(data)
+                if self.intent is not None:
+                    self.intent.written(offset, offset + len(data))
                 await self._wait_mirror(*mirrored)
         finally:
             self._leave()
         return len(data)
+
+    async def _ready_to_mirror(self, start: int, end: int, locked: float | None = None) -> None:
+        """Return, with no checkpoint after the last look, once [start, ``locked`` or end) is
+        held by no copier and [start, end), below the move's checkpoint, is durably marked in
+        its write-intent record
+        (:mod:`fusedisk.intent`).  If the mark cannot be written, the move fails back, and
+        this waits until it has (the record no longer promises anything) before the caller
+        writes."""
+        while True:
+            intent = self.intent
+            if self.mirror is None:
+                if intent is None:
+                    return
+                # Failing back: until the record promises nothing, a write that reaches the
+                # source alone could be trusted by a resume after a crash.
+                await intent.settled.wait()
+                continue
+            await self.locks.wait_unlocked(start, end if locked is None else locked)
+            intent = self.intent
+            if self.mirror is None:
+                continue
+            if intent is None or not intent.must_mark(start, end):
+                return
+            try:
+                await intent.mark(start, end)
+            except OSError as e:
+                if self.mirror is not None:
+                    self._mirror_failed(f"recording a write's intent failed: {e.strerror or e}")
 
     def _apply_both(
         self, operation: Callable[[ImageFile], None], what: str, where: int
@@ -189,13 +223,16 @@ class Disk:
     async def truncate(self, size: int) -> None:
         await self._enter()
         try:
-            if self.mirror is not None:
-                # A shrink must not race the copier writing old bytes past the new end.
-                await self.locks.wait_unlocked(min(size, self.primary.size()), math.inf)
+            # A shrink must not race the copier writing old bytes past the new end; what
+            # changes (from the lower of the two sizes on) is a write for the intent record.
+            old = self.primary.size()
+            await self._ready_to_mirror(min(size, old), max(size, old), locked=math.inf)
             mirrored = self._apply_both(lambda f: f.truncate(size), "truncate to", size)
             if mirrored is not None:
                 assert self.syncmap is not None
                 self.syncmap.resize(size)
+                if self.intent is not None:
+                    self.intent.written(min(size, old), max(size, old))
                 await self._wait_mirror(*mirrored)
         finally:
             self._leave()
@@ -253,6 +290,14 @@ class Disk:
         if mirror is not None:
             mirror.abandon()
 
+    def intent_settled(self, intent: Intent | None) -> None:
+        """A failed move's intent record promises nothing any more (or cannot be made to):
+        writes to the source alone may go on."""
+        if intent is not None:
+            if self.intent is intent:
+                self.intent = None
+            intent.settled.set()
+
     async def start_move(
         self,
         dest: str,
@@ -263,7 +308,7 @@ class Disk:
         dest_timeout: float = DEST_TIMEOUT,
     ) -> Move:
         """Create ``dest``, start mirroring, and start the copier; return once mirroring is on."""
-        from fusedisk.move import Move, run_move
+        from fusedisk.move import Move
 
         source = self.primary.path
         self.check_can_move(dest)
@@ -272,14 +317,17 @@ class Disk:
             # The journal first: after a crash at any point from here, it leads to the
             # destination (if it was created) and to its removal.
             record: dict[str, Any] = {"phase": "mirroring", "source": source}
-            record.update(destination=dest, keep_source=keep_source)
+            record.update(destination=dest, keep_source=keep_source, verify=verify)
+            record.update(dest_timeout=dest_timeout, rate_limit=rate_limit)
             await trio.to_thread.run_sync(self.storage.write_journal, source, record)
             try:
-                dest_file = await bounded(
+                dest_file, dest_id = await bounded(
                     dest_timeout,
                     f"creating {dest}",
                     dest,
-                    lambda: self.storage.create(dest, self.primary.size(), self.primary, source),
+                    lambda: _identified(
+                        self.storage.create(dest, self.primary.size(), self.primary, source)
+                    ),
                 )
             except BaseException:
                 self.storage.clear_journal(source)
@@ -294,12 +342,57 @@ class Disk:
             verify=verify,
             dest_timeout=dest_timeout,
         )
-        mirror = Destination(dest_file, dest_timeout)
+        intent = Intent(self.storage, record, region_size(self.primary.size()))
+        intent.dest_id = dest_id
+        return self._mirror_to(move, dest_file, intent, trusted=[])
+
+    async def resume_move(self, record: dict[str, Any], dest_timeout: float) -> Move:
+        """Go on with a move a crash interrupted: ``record`` is its journal's, whose checkpoint
+        recovery found valid.  Open the destination, trust what the checkpoint says is in
+        sync (:func:`fusedisk.intent.trusted_runs`), mirror, and copy the rest."""
+        from fusedisk.move import Move
+
+        source, dest = self.primary.path, str(record["destination"])
+        checkpoint = record["checkpoint"]
+        cursor, region = int(checkpoint["cursor"]), int(checkpoint["region"])
+        marks = {int(m) for m in checkpoint["marks"]}
+        self.check_can_move(dest)
+        dest_file, dest_id = await bounded(
+            dest_timeout, f"opening {dest}", dest, lambda: _identified(self.storage.open(dest))
+        )
+        keep_source, verify = bool(record.get("keep_source")), bool(record.get("verify"))
+        move = Move(
+            source,
+            dest,
+            rate_limit=int(record.get("rate_limit", 0)),
+            keep_source=keep_source,
+            verify=verify,
+            dest_timeout=dest_timeout,
+        )
+        move.resumed_from = cursor
+        base = {k: v for k, v in record.items() if k != "checkpoint"}
+        intent = Intent(self.storage, base, region, cursor=cursor, marks=marks)
+        intent.dest_id = dest_id
+        trusted = trusted_runs(self.primary.size(), cursor, region, marks)
+        return self._mirror_to(move, dest_file, intent, trusted)
+
+    def _mirror_to(
+        self, move: Move, dest_file: ImageFile, intent: Intent, trusted: list[tuple[int, int]]
+    ) -> Move:
+        """Turn mirroring on to ``dest_file`` and start the copier, trusting ``trusted``
+        byte ranges as in sync."""
+        from fusedisk.move import run_move
+
+        mirror = Destination(dest_file, move.dest_timeout)
         # From here to the end, no checkpoint: no guest write can fall between taking the size
         # and turning mirroring on (and the resize is queued before any mirrored write).
         size = self.primary.size()
         resized = mirror.submit(lambda f: f.truncate(size), "sizing the destination")
-        self.mirror, self.syncmap, self.move = mirror, SyncMap(size), move
+        syncmap = SyncMap(size)
+        for start, end in trusted:
+            syncmap.mark_written(start, end)
+        self.mirror, self.syncmap, self.move, self.intent = mirror, syncmap, move, intent
+        move.intent = intent
         move.begin(mirror, resized)
         crash_point("mirroring-started")
         self._nursery.start_soon(run_move, self, move)
@@ -335,3 +428,9 @@ class Disk:
         else:
             status.update(self.move.status(total=size or 0))
         return status
+
+
+def _identified(file: ImageFile) -> tuple[ImageFile, list[int]]:
+    """The file, and its (st_dev, st_ino): a resumed move checks it still is the same file."""
+    st = file.stat()
+    return file, [st.st_dev, st.st_ino]

@@ -25,6 +25,7 @@ from fusedisk.backend import PAGE, WRITEBACK_LAG, ImageFile
 from fusedisk.destination import DEST_TIMEOUT, Call, Destination, bounded
 from fusedisk.errors import StateError, VerifyMismatch
 from fusedisk.failpoints import crash_point
+from fusedisk.intent import CHECKPOINT_EVERY, Intent
 from fusedisk.storage import marker_path
 
 if TYPE_CHECKING:
@@ -91,6 +92,8 @@ class Move:
         self.hole_bytes = 0
         self.verified_bytes = 0
         self.switch_pause_ms: float | None = None
+        self.resumed_from: int | None = None  # resumed after a crash: the checkpoint's cursor
+        self.intent: Intent | None = None  # its write-intent record (fusedisk.intent)
         self.started = time.time()
         self.finished: float | None = None
         self.cancel_scope = trio.CancelScope()
@@ -191,6 +194,8 @@ class Move:
             "rate_limit": self._rate_limit,
             "rate": round(self.recent_rate()),
             "switch_pause_ms": self.switch_pause_ms,
+            "resumed_from": self.resumed_from,
+            **(self.intent.status() if self.intent is not None else {}),
             "keep_source": self.keep_source,
             "dest_timeout": self.dest_timeout,
             "verify": self.verify,
@@ -275,11 +280,30 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
                 # guest's writes behind it): a flush every few MiB keeps that queue short.
                 await dest.run(lambda f: f.fsync(True), "flush")
                 unflushed = 0
+        intent = disk.intent
+        if intent is not None and trio.current_time() - intent.checkpointed >= CHECKPOINT_EVERY:
+            await _checkpoint(disk, move, dest)
         await move._throttle(copied)  # the limit is on bytes copied, not on bytes skipped
         if copied and disk.io_count != guest_ops:
             # The guest is doing I/O: leave it the CPU for as long as the copy took (the
             # copier and the daemon's one thread share two cores with the VM).
             await trio.sleep((trio.current_time() - chunk_started) * GIVE_WAY)
+
+
+async def _checkpoint(disk: Disk, move: Move, dest: Destination) -> None:
+    """Record in the journal that all below the cursor is durably in sync (fusedisk.intent)."""
+    intent, source = disk.intent, disk.primary
+    assert intent is not None
+
+    async def flush_both() -> None:
+        await dest.wait_writes()  # the mirrored writes submitted so far have landed
+        await dest.run(lambda f: f.fsync(True), "flush")
+        await trio.to_thread.run_sync(source.fsync, True)
+
+    step, move.step = move.step, "checkpointing"
+    await intent.checkpoint(move.cursor, flush_both)
+    crash_point("checkpoint")
+    move.step = step
 
 
 def _writeback(offset: int, length: int, dest: ImageFile) -> None:
@@ -347,7 +371,7 @@ async def _switch(disk: Disk, move: Move) -> None:
         crash_point("switch-recorded")
         move.old_source = disk.primary
         # The sync map is freed once I/O resumes, not in the guest's pause.
-        synced, disk.syncmap = disk.syncmap, None
+        synced, disk.syncmap, disk.intent = disk.syncmap, None, None
         disk.primary, disk.mirror = dest.release(), None
         move.switched = True
         move.switch_pause_ms = round((time.perf_counter() - held) * 1000, 3)
@@ -387,7 +411,19 @@ async def _fail_back(disk: Disk, move: Move) -> None:
     Guest I/O is not held: the destination, given up, answers every operation waiting for it
     at once, and closes its file itself once nothing can use it."""
     move.step = "failing back"
+    intent = move.intent
     disk.stop_mirroring()
+    # First, a record that promises nothing: a crash from then on rolls the move back, never
+    # resumes it.  Until then guest writes wait (the source alone has them).
+    promised = intent is not None and (intent.records > 0 or move.resumed_from is not None)
+    if intent is not None and promised:
+        try:
+            await intent.withdraw()
+            promised = False
+        except OSError as e:
+            log.error("fail-back could not withdraw the checkpoint of %s: %s", move.source, e)
+    if not promised:
+        disk.intent_settled(intent)
     try:
         await move.at_destination(
             "removing the partial destination", lambda: disk.storage.remove(move.dest)
@@ -398,6 +434,8 @@ async def _fail_back(disk: Disk, move: Move) -> None:
             f"{move.error}; the partial destination {move.dest} (and its marker "
             f"{marker_path(move.dest)}) may remain: {e.strerror or e}"
         )
+    # (Removed, it cannot be resumed; not removed either, writes cannot wait for ever.)
+    disk.intent_settled(intent)
     try:
         await trio.to_thread.run_sync(disk.storage.clear_journal, move.source)
     except OSError as e:

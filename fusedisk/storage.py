@@ -38,6 +38,10 @@ class Storage(Protocol):
         marked as the partial destination of a move from ``source``."""
         ...
 
+    def open(self, path: str) -> ImageFile:
+        """Open an existing partial destination again (a resumed move), locked."""
+        ...
+
     def remove(self, path: str) -> None:
         """Delete an image (and its partial marker) durably."""
         ...
@@ -47,7 +51,7 @@ class Storage(Protocol):
         ...
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:
-        """Replace the journal durably (prepare and commit in one)."""
+        """Replace the journal durably, leaving a prepared record alone."""
         ...
 
     def prepare_journal(self, source: str, record: dict[str, Any]) -> None:
@@ -153,6 +157,15 @@ class PosixStorage:
         fsync_dir(os.path.dirname(path))
         return image
 
+    def open(self, path: str) -> ImageFile:
+        image = PosixFile.open(path)
+        try:
+            fcntl.flock(image.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            image.close()
+            raise
+        return image
+
     def remove(self, path: str) -> None:
         for victim in (path, marker_path(path), marker_path(path) + ".tmp"):
             with contextlib.suppress(FileNotFoundError):
@@ -167,8 +180,11 @@ class PosixStorage:
         fsync_dir(os.path.dirname(path))
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:
-        self.prepare_journal(source, record)
-        self.commit_journal(source)
+        # Aside under a name of its own: a record prepared for the switch stays untouched.
+        final = journal_path(source)
+        _write_new(final + ".new", json.dumps(record, sort_keys=True).encode() + b"\n")
+        os.rename(final + ".new", final)
+        fsync_dir(os.path.dirname(final))
 
     def prepare_journal(self, source: str, record: dict[str, Any]) -> None:
         data = json.dumps(record, sort_keys=True).encode() + b"\n"
@@ -181,7 +197,7 @@ class PosixStorage:
 
     def clear_journal(self, source: str) -> None:
         final = journal_path(source)
-        for victim in (final + ".tmp", final):
+        for victim in (final + ".tmp", final + ".new", final):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(victim)
         fsync_dir(os.path.dirname(final))

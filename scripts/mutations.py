@@ -155,6 +155,69 @@ MUTATIONS = [
         "fusedisk/storage.py",
         (("image is locked\n        fsync_dir(os.path.dirname(path))\n", "image is locked\n"),),
     ),
+    Mutation(
+        "write-before-its-intent-mark",
+        "a write below the checkpoint goes ahead without waiting for its region's durable mark",
+        "fusedisk/engine.py",
+        (("if intent is None or move is None or not intent.must_mark(", "if True or not ("),),
+    ),
+    Mutation(
+        "checkpoint-without-source-flush",
+        "a checkpoint is recorded without flushing the source",
+        "fusedisk/move.py",
+        (("        await trio.to_thread.run_sync(source.fsync, True)\n", ""),),
+    ),
+    Mutation(
+        "checkpoint-without-destination-flush",
+        "a checkpoint is recorded without flushing the destination",
+        "fusedisk/move.py",
+        (
+            (
+                '        await dest.run(lambda f: f.fsync(True), "flush")\n'
+                "        await trio.to_thread.run_sync(source.fsync, True)\n",
+                "        await trio.to_thread.run_sync(source.fsync, True)\n",
+            ),
+        ),
+    ),
+    Mutation(
+        "checkpoint-forgets-writes-during-it",
+        "a checkpoint's record leaves out the regions written while it flushed",
+        "fusedisk/intent.py",
+        (
+            (
+                "await self._write(cursor, frozenset(self._tracking) | self._wanted)",
+                "await self._write(cursor, frozenset(self._wanted))",
+            ),
+        ),
+    ),
+    Mutation(
+        "fail-back-keeps-checkpoint",
+        "a fail-back leaves the checkpoint in the journal (a crash could resume a dead move)",
+        "fusedisk/move.py",
+        (
+            (
+                "    if intent is not None and (intent.records or move.resumed_from",
+                "    if False and (intent.records or move.resumed_from",
+            ),
+        ),
+    ),
+    Mutation(
+        "resume-any-destination",
+        "recovery resumes a destination that is not the file the move created",
+        "fusedisk/daemon.py",
+        (('            if found == checkpoint.get("destination_id"):', "            if True:"),),
+    ),
+    Mutation(
+        "journal-write-not-durable",
+        "a journal record (start, mark, checkpoint) is renamed into place with no directory fsync",
+        "fusedisk/storage.py",
+        (
+            (
+                'final + ".new", final)\n        fsync_dir(os.path.dirname(final))\n',
+                'final + ".new", final)\n',
+            ),
+        ),
+    ),
 ]
 
 

@@ -141,6 +141,11 @@ class MemoryStorage:
         self.partial.add(path)
         return file
 
+    def open(self, path: str) -> MemoryFile:
+        if path not in self.files:
+            raise FileNotFoundError(errno.ENOENT, "no such file", path)
+        return self.files[path]
+
     def remove(self, path: str) -> None:
         if self.on_remove:
             self.on_remove(path)
@@ -153,8 +158,10 @@ class MemoryStorage:
         self.partial.discard(path)
 
     def write_journal(self, source: str, record: dict[str, Any]) -> None:
-        self.prepare_journal(source, record)
-        self.commit_journal(source)
+        if self.on_journal:
+            self.on_journal(record)
+        self.journal[source] = dict(record)
+        self.journal_history.append(dict(record))
 
     def prepare_journal(self, source: str, record: dict[str, Any]) -> None:
         self.prepared[source] = dict(record)

@@ -119,6 +119,7 @@ class RecordingOS:
         self._positions: dict[int, int] = {}  # fd -> offset, for os.write
         self.fail_writes: dict[int, int] = {}  # inode -> writes left before EIO
         self._fail_paths: dict[str, int] = {}  # for files not yet created
+        self.real_ids: dict[int, list[int]] = {}  # inode -> the real file's [st_dev, st_ino]
         # Called (outside the lock, in the writer's thread) after each logged write: lets a test
         # act at an exact step.
         self.after_write: Callable[[Write], None] | None = None
@@ -128,14 +129,19 @@ class RecordingOS:
                 with open(path, "rb") as f:
                     self.initial[path] = (f.read(), os.stat(path).st_mode & 0o7777)
                 self._names[path] = self._new_ino()
+                st = os.stat(path)
+                self.real_ids[self._names[path]] = [st.st_dev, st.st_ino]
         self._initial_inodes = dict(self._names)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
 
     def fail_after(self, path: str, writes: int) -> None:
-        """Make writes to ``path`` (created later) fail with EIO after the first ``writes``."""
-        self._fail_paths[os.path.abspath(path)] = writes
+        """Make writes to ``path`` (created now or later) fail with EIO after ``writes``."""
+        path = os.path.abspath(path)
+        self._fail_paths[path] = writes
+        if path in self._names:
+            self.fail_writes[self._names[path]] = writes
 
     def initial_inodes(self) -> dict[str, int]:
         return dict(self._initial_inodes)
@@ -172,7 +178,9 @@ class RecordingOS:
             if not existed:
                 ino = self._names[path] = self._new_ino()
                 directory, name = os.path.split(path)
-                self.log.append(Create(directory, name, ino, os.fstat(fd).st_mode & 0o7777))
+                st = os.fstat(fd)
+                self.log.append(Create(directory, name, ino, st.st_mode & 0o7777))
+                self.real_ids[ino] = [st.st_dev, st.st_ino]
                 if path in self._fail_paths:
                     self.fail_writes[ino] = self._fail_paths[path]
             ino = self._names[path]
@@ -315,7 +323,7 @@ class DirState:
     changes: list[tuple[int, NameChange]] = field(default_factory=list)  # not yet durable
 
 
-Files = dict[str, tuple[bytes, int]]  # path -> (data, mode): what a crash leaves
+Files = dict[str, tuple[bytes, int, int]]  # path -> (data, mode, inode): what a crash leaves
 
 
 def _apply_data(data: bytearray, mode: int, change: DataChange) -> int:
@@ -396,19 +404,24 @@ class Model:
                 for _, change in file.changes:
                     if keep == "all" or (keep == "some" and rng.random() < 0.5):
                         mode = _apply_data(data, mode, change)
-                files[os.path.join(path, name)] = (bytes(data), mode)
+                files[os.path.join(path, name)] = (bytes(data), mode, ino)
         return files
 
 
-def materialise(files: Files, roots: list[str]) -> None:
-    """Make ``roots`` hold exactly ``files`` (real files, for the real recovery code)."""
+def materialise(files: Files, roots: list[str]) -> dict[int, list[int]]:
+    """Make ``roots`` hold exactly ``files`` (real files, for the real recovery code); return
+    each inode's new [st_dev, st_ino]."""
     for root in roots:
         for name in os.listdir(root):
             os.unlink(os.path.join(root, name))
-    for path, (data, mode) in files.items():
+    ids: dict[int, list[int]] = {}
+    for path, (data, mode, ino) in files.items():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             os.fchmod(fd, mode)
             os.write(fd, data)
+            st = os.fstat(fd)
+            ids[ino] = [st.st_dev, st.st_ino]
         finally:
             os.close(fd)
+    return ids

@@ -9,7 +9,8 @@ acknowledged and flushed is lost.  Each run:
    blocks with a unique pattern, fsyncs each, and logs a write as flushed only once its fsync
    has returned;
 2. starts a throttled move with ``fusedisk migrate --detach``;
-3. lets the daemon die at the failpoint, or SIGKILLs it at a moment drawn from the seed;
+3. lets the daemon die at the failpoint, or SIGKILLs it at a moment drawn from the seed
+   (counted from `migrate`'s return, or from the move's end);
 4. checks the files left on disk (the source exists unless the switch record is durable), clears
    the stale mount with ``fusedisk unmount``, mounts the ORIGINAL image path again with
    ``fusedisk mount``, and checks the one line it prints, which file it serves, that the other is
@@ -166,9 +167,14 @@ def check_blocks(data: bytes, original: bytes, log: WriterLog, what: str) -> Non
 # ---- running the CLI and the daemon -------------------------------------------------------
 
 
+# A checkpoint every 0.15 s of copying (the default is 2 s): a kill in the copy pass finds
+# one to resume from, except in its first moments.
+CHECKPOINT_EVERY = "0.15"
+
+
 def clean_env() -> dict[str, str]:
     """The environment with no failpoint armed: for every process except the one to kill."""
-    env = dict(os.environ)
+    env = dict(os.environ, FUSEDISK_CHECKPOINT_EVERY=CHECKPOINT_EVERY)
     env.pop(CRASH_ENV, None)
     return env
 
@@ -253,9 +259,11 @@ def crash_during_move(
     keep_source: bool,
     writer_seed: int,
     what: str,
+    once_done: bool = False,
 ) -> AfterKill:
-    """Serve, write, move, and have the daemon die (failpoint or SIGKILL after ``kill_after``
-    seconds).  Returns with the daemon dead, the writer stopped and the stale mount cleared."""
+    """Serve, write, move, and have the daemon die (failpoint or SIGKILL ``kill_after`` seconds
+    after ``migrate --detach`` returned, or with ``once_done`` after the move reported done).
+    Returns with the daemon dead, the writer stopped and the stale mount cleared."""
     env = clean_env()
     if crash_at:
         env[CRASH_ENV] = crash_at
@@ -282,6 +290,16 @@ def crash_during_move(
         migrate = cli(*args)
         if crash_at != "mirroring-started":  # that one dies before it can reply
             assert migrate.returncode == 0, f"{what}: {migrate.stderr}"
+        if once_done:
+            phase = ""
+
+            def finished() -> bool:
+                nonlocal phase
+                phase = status(layout.mountpoint)["phase"]
+                return phase not in ("mirroring", "switching")
+
+            wait_for(finished, "the move's end", alive)
+            assert phase == "done", f"{what}: the move ended {phase}"
         if kill_after is not None:
             with suppress(subprocess.TimeoutExpired):  # the random moment: not a synchronisation
                 code = daemon.wait(timeout=kill_after)
@@ -365,6 +383,7 @@ def check_recovery(layout: Layout, after: AfterKill, *, keep_source: bool, what:
     if after.journal is not None:
         assert after.journal["source"] == source and after.journal["destination"] == dest, what
         assert after.phase in ("mirroring", "switched"), what
+    resumed = after.phase == "mirroring" and "checkpoint" in (after.journal or {})
     if after.phase == "mirroring":
         assert after.source_exists, what
         served, line = source, "found an unfinished move"
@@ -384,19 +403,46 @@ def check_recovery(layout: Layout, after: AfterKill, *, keep_source: bool, what:
             assert len(lines) == 1, f"{what}: want one line, got {result.stderr!r}"
             assert lines[0].startswith(f"fusedisk: {line} of {source} to {dest}"), lines
             assert f"serving {served}" in lines[0], lines
+            assert ("resuming it from its checkpoint" in lines[0]) == resumed, lines
         else:
             assert result.stderr == "", what
-        assert facts["image"] == served, what
-        assert facts["phase"] == "idle", what
+        # (A resumed move may already have switched: it goes on at once.)
+        assert facts["image"] == served or (resumed and facts["image"] == dest), what
         data = (layout.mountpoint / named.name).read_bytes()
         check_blocks(data, layout.original, after.log, what)
+        if resumed:
+            # The move goes on from its checkpoint, and switches to exactly these bytes.
+            assert after.journal is not None
+            assert facts["resumed_from"] == after.journal["checkpoint"]["cursor"], facts
+            done = wait_for_phase(layout.mountpoint, "done", "failed")
+            assert done["phase"] == "done" and done["image"] == dest, f"{what}: {done}"
+            again = (layout.mountpoint / named.name).read_bytes()
+            assert again == data, f"{what}: the resumed move changed what the disk reads"
+            served = dest
+        else:
+            assert facts["phase"] == "idle", what
     assert Path(served).exists(), what
-    if served == source:
+    if resumed:
+        assert not marker_exists(layout.dest), f"{what}: a partial marker remains"
+        assert layout.image.exists() == keep_source, f"{what}: source exists={keep_source}?"
+    elif served == source:
         assert not layout.dest.exists(), f"{what}: the partial destination is still there"
     else:
         assert layout.image.exists() == keep_source, f"{what}: source exists={keep_source}?"
     assert not layout.journal_files(), f"{what}: journal left: {layout.journal_files()}"
-    return "source" if served == source else "dest"
+    return "resumed" if resumed else "source" if served == source else "dest"
+
+
+def wait_for_phase(mountpoint: Path, *phases: str) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT
+    while (facts := status(mountpoint))["phase"] not in phases:
+        assert time.monotonic() < deadline, f"no phase {phases} within {TIMEOUT} s: {facts}"
+        time.sleep(0.05)
+    return facts
+
+
+def marker_exists(dest: Path) -> bool:
+    return (dest.parent / f".{dest.name}.fusedisk-partial").exists()
 
 
 # ---- the tests ----------------------------------------------------------------------------
@@ -406,6 +452,7 @@ FAILPOINTS = {
     "mirroring-started": "mirroring",
     "copy-chunk:1": "mirroring",
     "copy-chunk:3": "mirroring",
+    "checkpoint:2": "mirroring",  # always resumed: a checkpoint is recorded
     "switch-held": "mirroring",
     "switch-recorded": "switched",
     "source-deleted": "switched",
@@ -423,7 +470,12 @@ def test_kill_at_failpoint(tmp_path: Path, crash_at: str) -> None:
     assert after.source_exists == (crash_at != "source-deleted"), f"{what}: {after}"
     assert after.dest_exists, what
     served = check_recovery(layout, after, keep_source=False, what=what)
-    assert served == ("dest" if FAILPOINTS[crash_at] == "switched" else "source")
+    if FAILPOINTS[crash_at] == "switched":
+        assert served == "dest", what
+    else:  # resumed if a checkpoint was recorded before the kill
+        assert served in ("source", "resumed"), what
+        assert crash_at != "checkpoint:2" or served == "resumed", what
+        assert crash_at != "mirroring-started" or served == "source", what
 
 
 def test_kill_after_switch_record_keeps_source_when_asked(tmp_path: Path) -> None:
@@ -443,25 +495,62 @@ def test_kill_after_switch_record_keeps_source_when_asked(tmp_path: Path) -> Non
 
 
 RANDOM_RUNS = 20
+# The kills are spread over the phases by turn, so that each is hit whatever the seeds draw:
+# the journal's phase each must leave.
+KILL_PHASES = {"mirroring": "mirroring", "switching": "switched", "after": None}
 
 
-@pytest.mark.parametrize("seed", range(RANDOM_RUNS), ids=[f"seed={s}" for s in range(RANDOM_RUNS)])
+def kill_plan(seed: int) -> tuple[str, bool]:
+    """The phase run ``seed`` kills in, and whether it keeps the source (every third run of
+    each phase)."""
+    phases = list(KILL_PHASES)
+    return phases[seed % len(phases)], seed // len(phases) % 3 == 1
+
+
+@pytest.mark.parametrize(
+    "seed", range(RANDOM_RUNS), ids=[f"seed={s}-{kill_plan(s)[0]}" for s in range(RANDOM_RUNS)]
+)
 def test_random_kill_during_move(tmp_path: Path, seed: int) -> None:
-    """SIGKILL at a moment drawn from the seed: from the move's start to just past its end."""
+    """SIGKILL in a phase chosen by turn, at a moment in it drawn from the seed:
+
+    - mirroring: in the first 60% of the copy pass, which the rate limit keeps from ending
+      sooner than IMAGE_SIZE / RATE after it started (and `migrate --detach` returns within
+      milliseconds of the start);
+    - switching: between the durable switch record and the end of the cleanup, at one of the
+      failpoints there (right after the record; after deleting the source, when it is deleted);
+    - after: up to 0.3 s after the move reported done.
+
+    The journal left must be the one of that phase, and recovery serve the file it names."""
     rng = random.Random(seed)
-    kill_after = rng.uniform(0.0, 1.3 * IMAGE_SIZE / RATE)
-    keep_source = rng.random() < 0.25
-    what = f"seed={seed}: SIGKILL {kill_after:.3f} s into the move, keep_source={keep_source}"
+    phase, keep_source = kill_plan(seed)
+    crash_at: str | None = None
+    kill_after: float | None = None
+    if phase == "mirroring":
+        kill_after = rng.uniform(0.0, 0.6 * IMAGE_SIZE / RATE)
+        moment = f"SIGKILL {kill_after:.3f} s into the copy pass"
+    elif phase == "switching":
+        crash_at = "switch-recorded" if keep_source or rng.random() < 0.5 else "source-deleted"
+        moment = f"killed at {crash_at}"
+    else:
+        kill_after = rng.uniform(0.0, 0.3)
+        moment = f"SIGKILL {kill_after:.3f} s after the move was done"
+    what = f"seed={seed}: {moment} ({phase}), keep_source={keep_source}"
     layout = Layout(tmp_path, seed=seed)
     after = crash_during_move(
         layout,
-        crash_at=None,
+        crash_at=crash_at,
         kill_after=kill_after,
         keep_source=keep_source,
         writer_seed=seed,
         what=what,
+        once_done=phase == "after",
     )
-    check_recovery(layout, after, keep_source=keep_source, what=what)
+    assert after.phase == KILL_PHASES[phase], f"{what}: the kill left the journal {after.journal}"
+    served = check_recovery(layout, after, keep_source=keep_source, what=what)
+    if phase == "mirroring":  # resumed if a checkpoint was recorded before the kill
+        assert served in ("source", "resumed"), what
+    else:
+        assert served == "dest", what
 
 
 def test_recovery_refuses_a_switch_record_without_destination(tmp_path: Path) -> None:

@@ -1,0 +1,167 @@
+"""A move's write-intent record: what lets a crash resume the move instead of starting over.
+
+It lives in the journal beside the source, as the ``checkpoint`` of its ``mirroring`` record: the
+copy cursor as of the last checkpoint, and the regions a guest write may have touched since
+(``marks``), as md's write-intent bitmap and dm-clone's metadata do.  The invariant that makes
+resuming safe: **every byte where the source's and the destination's durable contents may
+differ lies at or past the recorded cursor, or in a marked region.**  Resuming trusts the rest and
+copies only that.
+
+- A checkpoint (the copier's, every CHECKPOINT_EVERY seconds): note the cursor, track the
+  regions written from now on, wait for the mirrored writes already submitted, flush both
+  files (all before is now durably equal below the cursor), then record the cursor with the
+  tracked regions as the new marks.
+- A guest write or truncate below the recorded cursor, in a region not durably marked, first
+  marks it durably (one journal write serves every write that waits meanwhile), and only then
+  touches either file.
+- While a record is being written, either it or the one before may be what a crash leaves: a
+  write goes ahead unmarked only if it is safe under both (``_views``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+import trio
+
+from fusedisk.storage import Storage
+
+REGIONS = 1024  # at most this many regions, so the record stays small
+MIN_REGION = 64 << 20
+# Seconds of copying between checkpoints; FUSEDISK_CHECKPOINT_EVERY tunes it (the crash tests
+# checkpoint often, so that their kills find something to resume).
+CHECKPOINT_EVERY = float(os.environ.get("FUSEDISK_CHECKPOINT_EVERY", "2.0"))
+
+
+def region_size(size: int) -> int:
+    """64 MiB, or the power of two that keeps a disk of ``size`` within REGIONS regions."""
+    wanted = max(MIN_REGION, -(-size // REGIONS))
+    return 1 << (wanted - 1).bit_length()
+
+
+class Intent:
+    def __init__(
+        self,
+        storage: Storage,
+        record: dict[str, Any],
+        region: int,
+        cursor: int = 0,
+        marks: set[int] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.record = record  # the journal's mirroring record, less its checkpoint
+        self.region = region
+        # (cursor, marks) of the durable record; two while a new one is being written.
+        self._views: list[tuple[int, frozenset[int]]] = [(cursor, frozenset(marks or ()))]
+        self._wanted: set[int] = set()  # regions to mark in the next record
+        self._tracking: set[int] | None = None  # regions written during a checkpoint
+        self._lock = trio.Lock()  # one record write at a time
+        self.checkpointed = trio.current_time()
+        self.dest_id: list[int] | None = None  # the destination's (st_dev, st_ino)
+        self.records = 0  # journal writes, for the status
+        self.withdrawn = False
+        self.settled = trio.Event()  # failed back: the record promises nothing any more
+
+    @property
+    def cursor(self) -> int:
+        return self._views[-1][0]
+
+    @property
+    def marks(self) -> frozenset[int]:
+        return self._views[-1][1]
+
+    def _regions(self, start: int, end: int) -> range:
+        return range(start // self.region, -(-end // self.region))
+
+    def must_mark(self, start: int, end: int) -> bool:
+        """Must a write to [start, end) wait for :meth:`mark` first: is any region of it below
+        the cursor unmarked, in a record a crash may leave?  Synchronous, so the caller checks
+        and then writes with no checkpoint in between."""
+        for cursor, marks in self._views:
+            if start < cursor and any(
+                r not in marks for r in self._regions(start, min(end, cursor))
+            ):
+                return True
+        return False
+
+    def written(self, start: int, end: int) -> None:
+        """In the write's synchronous step: remember the regions written during a checkpoint."""
+        if self._tracking is not None:
+            self._tracking.update(self._regions(start, end))
+
+    async def mark(self, start: int, end: int) -> None:
+        """Make the regions of [start, end) below the cursor durably marked."""
+        below = self._regions(start, min(end, max(c for c, _ in self._views)))
+        self._wanted.update(below)
+        if self._tracking is not None:
+            self._tracking.update(below)
+        async with self._lock:
+            if self.withdrawn:
+                raise OSError(errno.ECANCELED, "the move's intent record was withdrawn")
+            if self.must_mark(start, end):  # else a record written meanwhile has them
+                await self._write(self.cursor, self.marks | self._wanted)
+
+    async def checkpoint(self, cursor: int, flush_both: Any) -> None:
+        """Record ``cursor`` (the copier's: all below it is in sync) once ``flush_both()`` has
+        made both files durable, with the regions written meanwhile as the marks."""
+        self._tracking = set()
+        try:
+            await flush_both()
+            async with self._lock:
+                if self.withdrawn:
+                    raise OSError(errno.ECANCELED, "the move's intent record was withdrawn")
+                await self._write(cursor, frozenset(self._tracking) | self._wanted)
+        finally:
+            self._tracking = None
+        self.checkpointed = trio.current_time()
+
+    async def withdraw(self) -> None:
+        """The move fails back: replace the record with one that promises nothing (a crash
+        from here on rolls the move back), and write no other after it."""
+        async with self._lock:
+            self.withdrawn = True
+            source = str(self.record["source"])
+            await trio.to_thread.run_sync(self.storage.write_journal, source, self.record)
+
+    async def _write(self, cursor: int, marks: frozenset[int] | set[int]) -> None:
+        view = (cursor, frozenset(marks))
+        self._views.append(view)
+        try:
+            checkpoint = {
+                "cursor": cursor,
+                "region": self.region,
+                "marks": sorted(marks),
+                "destination_id": self.dest_id,
+            }
+            record = {**self.record, "checkpoint": checkpoint}
+            source = str(self.record["source"])
+            await trio.to_thread.run_sync(self.storage.write_journal, source, record)
+            self.records += 1
+            self._views = [view]
+            self._wanted -= view[1]
+        finally:
+            if len(self._views) > 1:  # failed: the old record stands
+                self._views.remove(view)
+
+    def status(self) -> dict[str, Any]:
+        cursor, marks = self._views[0]
+        return {
+            "checkpoint_bytes": cursor,
+            "marked_bytes": min(len(marks) * self.region, cursor),
+            "intent_records": self.records,
+        }
+
+
+def trusted_runs(size: int, cursor: int, region: int, marks: set[int]) -> list[tuple[int, int]]:
+    """Byte ranges a resumed move trusts as in sync: below ``cursor`` and in no marked region."""
+    end, start = min(cursor, size), 0
+    runs: list[tuple[int, int]] = []
+    for r in sorted(m for m in marks if m * region < end):
+        if r * region > start:
+            runs.append((start, r * region))
+        start = max(start, (r + 1) * region)
+    if start < end:
+        runs.append((start, end))
+    return runs

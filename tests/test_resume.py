@@ -1,0 +1,214 @@
+"""Resuming a move after a crash: the write-intent record (fusedisk.intent) and recovery.
+
+Engine tests with in-memory files force the orders that matter: a write below the checkpoint
+reaches neither file before its region is durably marked; a checkpoint's record marks the
+regions written while it flushed; a resumed move copies what the record does not trust and
+nothing else.  Recovery tests on real files: what is resumed and what is rolled back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from fusedisk import intent as intent_module
+from fusedisk import move as move_module
+from fusedisk.daemon import recover
+from fusedisk.engine import Disk
+from fusedisk.intent import Intent, trusted_runs
+from fusedisk.move import Phase
+from fusedisk.storage import PosixStorage, journal_path, marker_path
+from tests.fakes import MemoryFile, MemoryStorage
+
+MiB = 1 << 20
+WAIT = 10.0
+
+
+def checkpoint_record(cursor: int, marks: list[int], region: int = MiB) -> dict[str, Any]:
+    return {
+        "phase": "mirroring",
+        "source": "/src",
+        "destination": "/dst",
+        "keep_source": False,
+        "verify": False,
+        "checkpoint": {"cursor": cursor, "region": region, "marks": marks},
+    }
+
+
+def test_trusted_runs_leave_out_marked_regions_and_the_rest() -> None:
+    assert trusted_runs(8 * MiB, 5 * MiB, MiB, {2}) == [(0, 2 * MiB), (3 * MiB, 5 * MiB)]
+    assert trusted_runs(8 * MiB, 5 * MiB, MiB, {0, 4, 6}) == [(MiB, 4 * MiB)]
+    assert trusted_runs(3 * MiB, 5 * MiB, MiB, set()) == [(0, 3 * MiB)]  # shrunk since
+    assert trusted_runs(8 * MiB, 0, MiB, set()) == []
+
+
+async def test_resume_copies_what_the_record_does_not_trust_and_nothing_else() -> None:
+    """Checkpoint at 5 MiB, region 2 marked: the resumed move copies region 2 and 5..8 MiB,
+    and ends with identical files even where they differed."""
+    data = bytearray(random.Random(1).randbytes(8 * MiB))
+    src = MemoryFile("/src", bytes(data))
+    dst = MemoryFile("/dst", bytes(data[: 5 * MiB]) + bytes(3 * MiB))
+    src.data[2 * MiB + 100 : 2 * MiB + 200] = b"\xaa" * 100  # written, then the crash
+    storage = MemoryStorage(src, dst)
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.resume_move(checkpoint_record(5 * MiB, [2]), dest_timeout=0)
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE, move.error
+    assert move.resumed_from == 5 * MiB
+    assert move.copied_bytes == 4 * MiB  # region 2, and 5..8 MiB
+    assert move.copied_bytes + move.synced_by_writes_bytes + move.hole_bytes == 8 * MiB
+    assert disk.primary is dst and dst.data == src.data
+
+
+async def test_a_write_below_the_checkpoint_waits_for_its_mark() -> None:
+    """Below the recorded cursor, a write to an unmarked region reaches neither file before a
+    record marking its region is durable; a second write there needs no new record."""
+    src = MemoryFile("/src", bytes(5 * MiB))
+    dst = MemoryFile("/dst", bytes(5 * MiB))
+    storage = MemoryStorage(src, dst)
+    seen: list[tuple[list[int], bool]] = []
+
+    def on_journal(record: dict[str, Any]) -> None:
+        marks = record.get("checkpoint", {}).get("marks", [])
+        seen.append((marks, bytes(src.data[MiB : MiB + 4]) == b"new!"))
+
+    storage.on_journal = on_journal
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        # The copier stays at its first chunk: the checkpoint's cursor is what counts.
+        src.on_copy_read = lambda offset, length: trio.from_thread.run(release.wait)
+        move = await disk.resume_move(checkpoint_record(3 * MiB, []), dest_timeout=0)
+        await disk.write(MiB, b"new!")
+        assert seen == [([1], False)], "the mark was written after the write, or not at all"
+        assert dst.data[MiB : MiB + 4] == b"new!"
+        await disk.write(MiB + 8, b"more")
+        await disk.write(4 * MiB + 8, b"past")  # past the cursor (and the held chunk)
+        assert len(seen) == 1
+        release.set()
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE, move.error
+
+
+async def test_a_checkpoint_marks_the_regions_written_while_it_flushed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write that lands while a checkpoint flushes both files may not be durable on both:
+    its region is in the record the checkpoint writes."""
+    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    monkeypatch.setattr(intent_module, "MIN_REGION", MiB)
+    src = MemoryFile("/src", random.Random(2).randbytes(4 * MiB))
+    storage = MemoryStorage(src)
+    flushing = trio.Event()
+    go_on = trio.Event()
+    first = True
+
+    def on_fsync() -> None:
+        nonlocal first
+        if first:  # the first checkpoint's flush of the source: stop there
+            first = False
+            trio.from_thread.run_sync(flushing.set)
+            trio.from_thread.run(go_on.wait)
+
+    src.on_fsync = on_fsync
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.start_move("/dst", dest_timeout=0)
+        with trio.fail_after(WAIT):
+            await flushing.wait()
+        await disk.write(100, b"during the checkpoint")  # region 0, below its cursor (1 MiB)
+        go_on.set()
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE, move.error
+    checkpoints = [r["checkpoint"] for r in storage.journal_history if "checkpoint" in r]
+    assert checkpoints[0]["cursor"] == MiB and checkpoints[0]["marks"] == [0], checkpoints
+
+
+async def test_a_mark_that_cannot_be_written_fails_the_move_back_first() -> None:
+    """If the journal cannot take a mark, the move fails back; the write reaches the source
+    (alone) only once the journal's record promises nothing (no checkpoint)."""
+    src = MemoryFile("/src", bytes(4 * MiB))
+    dst = MemoryFile("/dst", bytes(4 * MiB))
+    storage = MemoryStorage(src, dst)
+    records: list[tuple[bool, bool]] = []  # (has a checkpoint, the source has the write)
+
+    def on_journal(record: dict[str, Any]) -> None:
+        if record.get("checkpoint", {}).get("marks"):
+            raise OSError(28, "No space left on device")
+        records.append(("checkpoint" in record, src.data[MiB : MiB + 4] == b"new!"))
+
+    storage.on_journal = on_journal
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.resume_move(checkpoint_record(3 * MiB, []), dest_timeout=0)
+        await disk.write(MiB, b"new!")
+        assert records == [(False, False)], "the write went ahead of the withdrawal"
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.FAILED and "intent" in (move.error or ""), move.error
+    assert src.data[MiB : MiB + 4] == b"new!" and dst.data[MiB : MiB + 4] != b"new!"
+    assert "/dst" not in storage.files and not storage.journal
+
+
+async def test_intent_needs_no_mark_past_the_cursor_or_in_a_marked_region() -> None:
+    intent = Intent(MemoryStorage(), {"source": "/src"}, MiB, cursor=4 * MiB, marks={1})
+    assert not intent.must_mark(4 * MiB, 5 * MiB)
+    assert not intent.must_mark(MiB, 2 * MiB)
+    assert intent.must_mark(MiB, 2 * MiB + 1)  # spills into region 2
+    assert intent.must_mark(0, 1)
+
+
+# ---- recovery on real files -----------------------------------------------------------------
+
+
+def interrupted_move(tmp_path: Path, *, checkpoint: bool = True) -> tuple[str, str]:
+    """Files as a crash leaves them mid-copy: source, journal (with a checkpoint naming the
+    destination's inode), destination and its marker."""
+    source, dest = str(tmp_path / "disk.img"), str(tmp_path / "new" / "disk.img")
+    os.mkdir(tmp_path / "new")
+    Path(source).write_bytes(bytes(4 * MiB))
+    Path(dest).write_bytes(bytes(4 * MiB))
+    storage = PosixStorage()
+    st = os.stat(dest)
+    record = checkpoint_record(2 * MiB, [0])
+    record.update(source=source, destination=dest)
+    record["checkpoint"]["destination_id"] = [st.st_dev, st.st_ino]
+    if not checkpoint:
+        del record["checkpoint"]
+    storage.write_journal(source, record)
+    Path(marker_path(dest)).write_text(json.dumps({"source": source}))
+    os.chmod(marker_path(dest), 0o600)
+    return source, dest
+
+
+def test_recovery_resumes_a_move_with_a_checkpoint(tmp_path: Path) -> None:
+    source, dest = interrupted_move(tmp_path)
+    served, line, record = recover(source)
+    assert served == source and record is not None and record["destination"] == dest
+    assert line is not None and "resuming it from its checkpoint at 2.0 MiB" in line, line
+    assert os.path.exists(dest) and os.path.exists(journal_path(source))
+
+
+@pytest.mark.parametrize("why", ["no checkpoint", "replaced", "not ours", "asked"])
+def test_recovery_rolls_back_what_it_must_not_resume(tmp_path: Path, why: str) -> None:
+    source, dest = interrupted_move(tmp_path, checkpoint=why != "no checkpoint")
+    if why == "replaced":  # another file put in the destination's place (the old one kept)
+        os.rename(dest, dest + ".old")
+        Path(dest).write_bytes(bytes(4 * MiB))
+    if why == "not ours":
+        Path(marker_path(dest)).write_text(json.dumps({"source": "/elsewhere"}))
+    served, line, record = recover(source, resume=why != "asked")
+    assert served == source and record is None, line
+    assert not os.path.exists(journal_path(source))
+    assert os.path.exists(dest) == (why == "not ours"), line  # only ours is removed
