@@ -7,7 +7,9 @@ the sync map with no checkpoint in between.  So each is one indivisible step wit
 every other task: the copier can only interleave with it through its thread-side copy, and
 :class:`~fusedisk.syncmap.RangeLocks` keeps those apart.  The only awaits on the I/O path are
 (a) the I/O gate, closed only while a switch holds I/O, (b) waiting for a range the copier
-holds, (c) waiting for the destination (at most its deadline), and (d) fsync, in threads.
+holds, (c) waiting for the destination (at most its deadline), (d) fsync, in threads, and (e)
+a write below the move's checkpoint waiting for its region's durable mark (or, while a move
+fails back, for its record to be withdrawn).
 
 ``_inflight`` counts operations that await midway, between ``_enter`` and ``_leave``: holding
 I/O waits for it to reach zero, so no operation still uses a file that a switch replaces.  The
@@ -168,9 +170,8 @@ class Disk:
     async def _ready_to_mirror(self, start: int, end: int, locked: float | None = None) -> None:
         """Return, with no checkpoint after the last look, once [start, ``locked`` or end) is
         held by no copier and [start, end), below the move's checkpoint, is durably marked in
-        its write-intent record
-        (:mod:`fusedisk.intent`).  If the mark cannot be written, the move fails back, and
-        this waits until it has (the record no longer promises anything) before the caller
+        its write-intent record (:mod:`fusedisk.intent`).  If the mark cannot be written, the
+        move fails back, and this waits until the record promises nothing before the caller
         writes."""
         while True:
             intent = self.intent

@@ -159,7 +159,12 @@ MUTATIONS = [
         "write-before-its-intent-mark",
         "a write below the checkpoint goes ahead without waiting for its region's durable mark",
         "fusedisk/engine.py",
-        (("if intent is None or move is None or not intent.must_mark(", "if True or not ("),),
+        (
+            (
+                "            if intent is None or not intent.must_mark(start, end):",
+                "            if True:",
+            ),
+        ),
     ),
     Mutation(
         "checkpoint-without-source-flush",
