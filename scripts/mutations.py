@@ -201,8 +201,8 @@ MUTATIONS = [
         "fusedisk/move.py",
         (
             (
-                "    if intent is not None and (intent.records or move.resumed_from",
-                "    if False and (intent.records or move.resumed_from",
+                "    promised = intent is not None and (intent.records > 0 or move.resumed_from",
+                "    promised = False and (intent.records > 0 or move.resumed_from",
             ),
         ),
     ),
