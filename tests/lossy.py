@@ -31,6 +31,13 @@ class Lossy:
     process: subprocess.Popen[bytes]
     log: Path  # lossyfs's stderr
     cuts: int = 0
+    killed: bool = False
+
+    def kill(self) -> None:
+        """The filesystem dies under its users (SIGKILL): its mount answers ENOTCONN from now."""
+        self.process.kill()
+        self.process.wait()
+        self.killed = True
 
     def power_cut(self) -> None:
         """Revert the whole tree to its durable state; returns once lossyfs says it has."""
@@ -79,13 +86,14 @@ def lossy_mount(mountpoint: Path) -> Iterator[Lossy]:
             stdout=subprocess.PIPE,
             stderr=log_file,
         )
+    lossy = Lossy(mountpoint, process, log)
     try:
         wait_mounted(mountpoint, process, log)
-        yield Lossy(mountpoint, process, log)
+        yield lossy
     except BaseException:
         _unmount(mountpoint, process, log, check=False)  # the test's error is the one to see
         raise
-    _unmount(mountpoint, process, log, check=True)
+    _unmount(mountpoint, process, log, check=not lossy.killed)
 
 
 def _unmount(mountpoint: Path, process: subprocess.Popen[bytes], log: Path, check: bool) -> None:

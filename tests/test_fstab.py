@@ -37,8 +37,8 @@ from fusedisk.mounthelper import (
     parse_mount_args,
     parse_options,
 )
-from tests.lossy import LOSSYFS, lossy_mount
-from tests.mounting import fusedisk, random_image, wait_mounted
+from tests.lossy import lossy_mount
+from tests.mounting import fusedisk, random_image
 from tests.test_mount import assert_clean_error, is_mounted, running, snapshot, wait_until
 
 pytestmark = pytest.mark.mount
@@ -484,18 +484,8 @@ def test_a_daemon_that_ends_in_an_error_keeps_its_log_and_says_so(host: Host, co
     flush fails: the unmount still happens, the log stays, and one line says so with the
     daemon's last words.  The umount helper exits 0 all the same (the mount is gone, and
     umount(8) must drop its utab entry); ``fusedisk unmount`` exits 1."""
-    lossy_dir = host.tmp / "lossy"
-    lossy_dir.mkdir()
-    with open(host.tmp / "lossyfs.log", "wb") as lossy_log:
-        lossy = subprocess.Popen(
-            [sys.executable, str(LOSSYFS), str(lossy_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=lossy_log,
-        )
-    try:
-        wait_mounted(lossy_dir, lossy, host.tmp / "lossyfs.log")
-        image = lossy_dir / "disk.img"
+    with lossy_mount(host.tmp / "lossy") as lossy:
+        image = lossy.path / "disk.img"
         random_image(image, 1 << 20)
         mnt = host.mountpoint()
         host.write_fstab(f"{image} {mnt} {FSTYPE} defaults 0 0")
@@ -503,7 +493,6 @@ def test_a_daemon_that_ends_in_an_error_keeps_its_log_and_says_so(host: Host, co
         [log] = logs_of(mnt)
         log_path = os.path.join(runtime_dir(), log)
         lossy.kill()
-        lossy.wait()
         shown = fusedisk("status", mnt, timeout=TIMEOUT)  # the daemon lives on: not stale
         assert shown.returncode == 0, shown.stderr
         assert f"image:   {image} (size unknown: stat of {image} failed" in shown.stdout
@@ -517,11 +506,6 @@ def test_a_daemon_that_ends_in_an_error_keeps_its_log_and_says_so(host: Host, co
         assert f"the final flush of {image} failed" in line, line
         assert line.endswith(f"; its log is kept at {log_path}"), line
         assert not is_mounted(mnt) and os.path.exists(log_path)
-    finally:
-        if lossy.poll() is None:
-            lossy.kill()
-            lossy.wait()
-        run("fusermount3", "-u", "-z", lossy_dir)
 
 
 # ---- logs -------------------------------------------------------------------------------------
