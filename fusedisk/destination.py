@@ -56,6 +56,20 @@ class DestinationTimeout(OSError):
         super().__init__(errno.ETIMEDOUT, f"{what} did not complete within {deadline:g} s", path)
 
 
+class FileCall:
+    """A mirrored operation as data: one :class:`ImageFile` method and its arguments, so a
+    lane in another process can run it as well as a thread can."""
+
+    __slots__ = ("args", "method")
+
+    def __init__(self, method: str, *args: object) -> None:
+        self.method = method
+        self.args = args
+
+    def __call__(self, file: ImageFile) -> None:
+        getattr(file, self.method)(*self.args)
+
+
 class Call(Generic[T]):
     """One operation submitted to a worker; its outcome is set in the event loop's thread."""
 

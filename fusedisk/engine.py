@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fusedisk.backend import ImageFile
-from fusedisk.destination import DEST_TIMEOUT, Call, Destination, bounded
+from fusedisk.destination import DEST_TIMEOUT, Call, Destination, FileCall, bounded
 from fusedisk.errors import MoveRefused
 from fusedisk.failpoints import crash_point
 from fusedisk.intent import Intent, region_size, trusted_runs
@@ -153,7 +153,7 @@ class Disk:
         try:
             await self._ready_to_mirror(offset, offset + len(data))
             # No checkpoint from here to the wait: submit, write the source, mark the map.
-            mirrored = self._apply_both(lambda f: f.pwrite(data, offset), "write at offset", offset)
+            mirrored = self._apply_both(FileCall("pwrite", data, offset), "write at offset", offset)
             if mirrored is not None:
                 assert self.syncmap is not None and self.move is not None
                 # Marked before the destination has it: if it never does, the move fails back
@@ -195,7 +195,7 @@ class Disk:
                     self._mirror_failed(f"recording a write's intent failed: {e.strerror or e}")
 
     def _apply_both(
-        self, operation: Callable[[ImageFile], None], what: str, where: int
+        self, operation: FileCall, what: str, where: int
     ) -> tuple[Destination, Call[None]] | None:
         """While mirroring, submit ``operation`` to the destination (its thread runs it while
         this one writes the source); apply it to the source; return what to wait for.
@@ -228,7 +228,7 @@ class Disk:
             # changes (from the lower of the two sizes on) is a write for the intent record.
             old = self.primary.size()
             await self._ready_to_mirror(min(size, old), max(size, old), locked=math.inf)
-            mirrored = self._apply_both(lambda f: f.truncate(size), "truncate to", size)
+            mirrored = self._apply_both(FileCall("truncate", size), "truncate to", size)
             if mirrored is not None:
                 assert self.syncmap is not None
                 self.syncmap.resize(size)
@@ -388,7 +388,7 @@ class Disk:
         # From here to the end, no checkpoint: no guest write can fall between taking the size
         # and turning mirroring on (and the resize is queued before any mirrored write).
         size = self.primary.size()
-        resized = mirror.submit(lambda f: f.truncate(size), "sizing the destination")
+        resized = mirror.submit(FileCall("truncate", size), "sizing the destination")
         syncmap = SyncMap(size)
         for start, end in trusted:
             syncmap.mark_written(start, end)
