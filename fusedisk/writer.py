@@ -117,7 +117,7 @@ class WriterProcess:
         while True:
             try:
                 await trio.lowlevel.wait_readable(self._socket)
-                data = self._socket.recv(1 << 16)
+                data = self._socket.recv(4096)  # 1,024 results
             except BlockingIOError:
                 continue
             except (OSError, trio.ClosedResourceError):

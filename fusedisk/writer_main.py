@@ -25,7 +25,7 @@ from fusedisk.backend import PosixFile
 HEADER = struct.Struct("<IBq")  # payload length, kind, offset
 RESULT = struct.Struct("<i")  # errno, 0 when done
 BARRIER, WRITE, CALL = 0, 1, 2
-# How much one read from the socket takes at most.
+# The receive buffer: room for several of the largest writes the kernel sends (1 MiB).
 RECEIVE = 8 << 20
 # A batch's results are sent back at the latest this long after its first one was done.
 REPORT_AFTER = 0.001
@@ -49,30 +49,40 @@ def _run(file: PosixFile, kind: int, offset: int, payload: memoryview) -> int:
 def _serve(fd: int, socket_fd: int, path: str) -> None:
     file = PosixFile(path, fd)
     connection = socket.socket(fileno=socket_fd)
-    received = bytearray()
+    # One buffer for good: a fresh multi-megabyte bytes per recv() would be an mmap and a
+    # munmap each time, for what is often a single 4 KiB write.
+    buffer = bytearray(RECEIVE)
+    view, filled = memoryview(buffer), 0
     while True:
-        data = connection.recv(RECEIVE)
-        if not data:
+        received = connection.recv_into(view[filled:])
+        if not received:
             return  # the daemon is done with us (or gone)
-        received += data
+        filled += received
         results, first_done, start = bytearray(), 0.0, 0
-        with memoryview(received) as view:
-            while len(received) - start >= HEADER.size:
-                length, kind, offset = HEADER.unpack_from(received, start)
-                end = start + HEADER.size + length
-                if end > len(received):
-                    break
-                with view[start + HEADER.size : end] as payload:
-                    results += RESULT.pack(_run(file, kind, offset, payload))
-                start = end
-                if not first_done:
-                    first_done = time.monotonic()
-                elif time.monotonic() - first_done > REPORT_AFTER:
-                    connection.sendall(results)  # a slow write must not hold back the others
-                    results, first_done = bytearray(), 0.0
-        del received[:start]
+        while filled - start >= HEADER.size:
+            length, kind, offset = HEADER.unpack_from(buffer, start)
+            end = start + HEADER.size + length
+            if end > filled:
+                break
+            results += RESULT.pack(_run(file, kind, offset, view[start + HEADER.size : end]))
+            start = end
+            if not first_done:
+                first_done = time.monotonic()
+            elif time.monotonic() - first_done > REPORT_AFTER:
+                connection.sendall(results)  # a slow write must not hold back the others
+                results, first_done = bytearray(), 0.0
         if results:
             connection.sendall(results)
+        # Keep the part of a frame not yet received, at the start (in a bigger buffer if the
+        # frame needs one: a write may be larger than RECEIVE).
+        rest = bytes(view[start:filled])
+        need = HEADER.unpack_from(rest)[0] + HEADER.size if len(rest) >= HEADER.size else 0
+        if need > len(buffer):
+            view.release()
+            buffer = bytearray(need)
+            view = memoryview(buffer)
+        filled = len(rest)
+        view[:filled] = rest
 
 
 def main() -> None:
