@@ -16,8 +16,9 @@ Adding a subcommand, say `bench.py resume`:
 3. Add ``"resume": (resume_options, resume)`` to SUBCOMMANDS in bench.py.
 Inside it, ``prepare`` makes a fresh image served by one of CONTENDERS (and its mover, for a
 moving one); ``interleave`` runs contenders once per repetition, interleaved; ``Writer`` is a
-fio writer measured in time windows; ``Table`` is a printed table, with ``values``, ``med``,
-``compare`` and ``verdict`` for its cells. A new contender is one more entry in CONTENDERS.
+fio writer measured in time windows; ``run`` and ``fusedisk`` run a command, checked; ``Table``
+is a printed table, with ``values``, ``med``, ``compare`` and ``verdict`` for its cells. A new
+contender is one more entry in CONTENDERS.
 """
 
 from __future__ import annotations
@@ -786,7 +787,7 @@ def contenders_option(p: argparse.ArgumentParser, allowed: Sequence[str], defaul
         names = text.split(",")
         unknown = {name.partition("@")[0] for name in names} - set(allowed)
         if unknown or len(set(names)) < len(names):
-            raise argparse.ArgumentTypeError(f"unknown or repeated: {sorted(unknown)}")
+            raise argparse.ArgumentTypeError(f"unknown {sorted(unknown)} or repeated names")
         return names
 
     help = f"any of {', '.join(allowed)} (default: %(default)s)"
