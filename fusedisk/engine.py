@@ -57,6 +57,7 @@ class Disk:
         self.io_error: str | None = None  # the last error the serving file gave the guest
         self._starting = False
         self.io_count = 0  # guest operations served: the copier gives way while it grows
+        self.truncations = 0  # size changes: the copier's extents from before are stale
         # Called once another file serves the disk: the FUSE layer drops the kernel's cached
         # attributes (they describe the old file's blocks and times).
         self.on_primary_changed: Callable[[], None] = lambda: None
@@ -228,6 +229,7 @@ class Disk:
             # changes (from the lower of the two sizes on) is a write for the intent record.
             old = self.primary.size()
             await self._ready_to_mirror(min(size, old), max(size, old), locked=math.inf)
+            self.truncations += 1
             mirrored = self._apply_both(FileCall("truncate", size), "truncate to", size)
             if mirrored is not None:
                 assert self.syncmap is not None

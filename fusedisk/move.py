@@ -235,9 +235,9 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
     sync map and holding the range), so a write either lands before (the map shows it; a mirror
     still on its way carries the bytes the copy reads from the source anyway) or waits until the
     chunk is copied (and is mirrored over the copy).  Extents are looked up once each (SEEK_DATA
-    and SEEK_HOLE scan the page cache on tmpfs: ~2.5 ms for 512 MiB, with the disk's I/O waiting):
-    what changes in them later was mirrored, so a hole that got data is on the destination, and
-    data that became a hole is copied as the zeros it reads as.
+    and SEEK_HOLE scan the page cache on tmpfs: ~2.5 ms for 512 MiB, with the disk's I/O waiting)
+    and again after a truncate (a shrink and a regrowth leave a hole, which stays one): a write
+    into a hole was mirrored, and a discard's whole pages are in the sync map.
     """
     move.step = "copying"
     source, dest, syncmap = disk.primary, move.destination, disk.syncmap
@@ -245,12 +245,14 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
     await dest.wait(move._resized)
     unflushed = 0  # bytes copied since the last flush (a threaded destination's)
     data_end = 0  # the source holds data from the cursor to here (when the cursor is below)
+    truncations = disk.truncations
     while True:
         size = source.size()  # again each time: the guest may grow or shrink the disk
         cursor = move.cursor
         if cursor >= size:
             return
-        if cursor >= data_end:
+        if cursor >= data_end or truncations != disk.truncations:
+            truncations, data_end = disk.truncations, 0
             data = min(source.next_data(cursor) // PAGE * PAGE, size)
             if data > cursor:
                 move.hole_bytes += data - cursor
