@@ -264,7 +264,7 @@ def _format_status(s: dict[str, Any], log: str | None = None) -> str:
         f"mount:   {s['mountpoint']}/{s['name']} (daemon pid {s['pid']})",
         f"image:   {s['image']} ({_size(s)})",
         f"phase:   {s['phase']}",
-        f"thin:    {_capabilities(s.get('capabilities', []))}",
+        f"capabilities: {_capabilities(s.get('capabilities', []))}",
     ]
     if s["phase"] != "idle":
         lines += [
