@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """fusedisk's benchmarks, one subcommand each; run as root with the venv's interpreter:
 
-    .venv/bin/python scripts/bench.py datapath|move|guest|memory [options] [--json FILE]
+    .venv/bin/python scripts/bench.py datapath|move|guest|memory|convert [options] [--json FILE]
 
   datapath  fio on the host against each contender, one mount each
   move      live moves, idle and under a writer, against cp, qsd and the floors (bench_move.py)
   guest     fio inside a QEMU guest on each contender, idle and during a move (bench_guest.py)
   memory    peak RSS and switch pause moving sparse images up to 64 TiB under a writer
+  convert   qemu-img convert of a sparse image from each contender (SEEK_DATA/SEEK_HOLE)
 
 Contenders (benchlib.CONTENDERS): raw (the image file), floor (scripts/floor.py, a bare pyfuse3
 passthrough: what the library costs), floor-mirror (floor.py writing every write to a second
@@ -50,6 +51,7 @@ SUMMARIES = {
     "move": "live moves, idle and under a writer, against cp, qsd and the floors",
     "guest": "fio inside a QEMU guest on each contender, idle and during a move",
     "memory": "peak RSS and switch pause moving sparse images up to 64 TiB under a writer",
+    "convert": "qemu-img convert of a sparse image from each contender (SEEK_DATA/SEEK_HOLE)",
 }
 
 
@@ -213,6 +215,44 @@ def peak_rss_kib(pid: int | None) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
+# ---- convert ----------------------------------------------------------------------------------
+
+
+def convert(args: argparse.Namespace) -> Result:
+    """`qemu-img convert -O raw` of a sparse raw image (--size MiB holding --data MiB in 16 MiB
+    extents spread evenly, one image per contender) from each contender's file to a new file
+    beside it: seconds per conversion.  Only where SEEK_DATA/SEEK_HOLE pass through does it
+    read the data alone; elsewhere it reads the whole virtual size."""
+    with ExitStack() as stack:
+        files = {}
+        for i, name in enumerate(args.contenders):
+            image = bl.scratch(stack, args.dir / f"c{i}-{name}.img")
+            make_sparse(image, args.size * MiB, args.data * MiB)  # its data stays cached
+            files[name] = CONTENDERS[name].serve(stack, image, args.dir).file
+        out = bl.scratch(stack, args.dir / "converted.img")
+
+        def one(name: str) -> Run:
+            bl.remove(out)
+            os.sync()  # no dirty pages from the run before
+            started = time.monotonic()
+            command = ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(files[name]), str(out)]
+            subprocess.run(command, check=True, timeout=3600)
+            return {"seconds": time.monotonic() - started, "allocated": out.stat().st_blocks * 512}
+
+        runs = bl.interleave(args.reps, args.contenders, one, lambda r: f"{r['seconds']:.2f} s")
+    table = Table(
+        f"qemu-img convert -O raw of a {args.size} MiB raw image holding {args.data} MiB of data "
+        f"(16 MiB extents), seconds, medians of {args.reps} (per-repetition ratios in brackets)",
+        ["contender", "seconds", "/ raw", "output allocated (MiB)", "fusedisk <= 1.5 x raw"],
+    )
+    raw = bl.values(runs["raw"], "seconds") if "raw" in runs else []
+    for name, r in runs.items():
+        against = bl.compare(bl.values(r, "seconds"), raw)
+        goal = bl.verdict(against[0], 1.5, at_most=True) if name == "fusedisk" else ""
+        table.add(name, bl.med(r, "seconds"), against[1], bl.med(r, "allocated") / MiB, goal)
+    return [table], {"runs": runs}
+
+
 # ---- command line -----------------------------------------------------------------------------
 
 
@@ -270,6 +310,10 @@ def parser() -> argparse.ArgumentParser:
     s = command("memory", memory, 1, memory.__doc__)
     s.add_argument("--sizes", nargs="+", default=["1G", "1T", "64T"], help="%(default)s")
     s.add_argument("--data", type=int, default=1024, help="MiB of data (%(default)s)")
+
+    s = command("convert", convert, 3, convert.__doc__)
+    contenders(s, ("raw", "fusedisk", "qsd"), 3)
+    s.add_argument("--data", type=int, default=512, help="MiB of data (%(default)s)")
     return p
 
 
