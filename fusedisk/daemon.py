@@ -326,4 +326,8 @@ async def serve(config: MountConfig, ready: Callable[[str], None]) -> None:
             log.info("unmounted %s", config.mountpoint)
             nursery.cancel_scope.cancel()  # fails back a running move, stops the control server
     finally:
+        # Unmounted, or failing: all that is left is this flush, and a signal must not cut it
+        # short (systemd sends SIGTERM right after a plain umount of a mount unit).
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         final_flush(disk.primary if disk is not None else image)

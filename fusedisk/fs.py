@@ -31,7 +31,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, NoReturn
 
 import pyfuse3
@@ -105,6 +105,7 @@ class DiskOperations(pyfuse3.Operations):
         self.requests = requests  # served requests by operation, updated here
         self._status_files: dict[int, bytes] = {}  # open .status handles: their snapshot
         self._next_fh = 1
+        self._owner = disk.primary.stat()  # the image's last stat that worked: see _root_attr
 
     def _phase(self) -> str:
         return "idle" if self.disk.move is None else self.disk.move.phase.value
@@ -137,8 +138,12 @@ class DiskOperations(pyfuse3.Operations):
         return attr
 
     def _root_attr(self, mode: int, inode: pyfuse3.InodeT) -> pyfuse3.EntryAttributes:
-        """The directory (or the status file) owned as the disk is, dated from its ctime."""
-        file = self._file_attr()
+        """The directory (or the status file) owned as the disk is, dated from its ctime.  When
+        the image's filesystem fails, from its last stat: the mount itself is alive, and its
+        status says what failed (a stat error here would make it look stale)."""
+        with suppress(OSError):
+            self._owner = self.disk.primary.stat()
+        file = self._owner
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
         attr.st_mode = mode

@@ -233,27 +233,33 @@ async def run_move(disk: Disk, move: Move) -> None:
 async def _copy_pass(disk: Disk, move: Move) -> None:
     """Copy, in one pass from start to end, every page that is data on the source and not in sync.
 
-    Each chunk is examined and held in one synchronous step (no checkpoint between finding the
-    extents, reading the sync map and holding the range), so a write either lands before (the
-    map shows it; a mirror still on its way carries the bytes the copy reads from the source
-    anyway) or waits until the chunk is copied (and is mirrored over the copy).
+    Each chunk is examined and held in one synchronous step (no checkpoint between reading the
+    sync map and holding the range), so a write either lands before (the map shows it; a mirror
+    still on its way carries the bytes the copy reads from the source anyway) or waits until the
+    chunk is copied (and is mirrored over the copy).  Extents are looked up once each (SEEK_DATA
+    and SEEK_HOLE scan the page cache on tmpfs: ~2.5 ms for 512 MiB, with the disk's I/O waiting):
+    what changes in them later was mirrored, so a hole that got data is on the destination, and
+    data that became a hole is copied as the zeros it reads as.
     """
     move.step = "copying"
     source, dest, syncmap = disk.primary, move.destination, disk.syncmap
     assert dest is not None and syncmap is not None and move._resized is not None
     await dest.wait(move._resized)
     unflushed = 0  # bytes copied since the last flush (a threaded destination's)
+    data_end = 0  # the source holds data from the cursor to here (when the cursor is below)
     while True:
         size = source.size()  # again each time: the guest may grow or shrink the disk
         cursor = move.cursor
         if cursor >= size:
             return
-        data = min(source.next_data(cursor) // PAGE * PAGE, size)
-        if data > cursor:
-            move.hole_bytes += data - cursor
-            move.cursor = data
-            continue
-        end = min(source.next_hole(cursor), cursor + CHUNK, size)
+        if cursor >= data_end:
+            data = min(source.next_data(cursor) // PAGE * PAGE, size)
+            if data > cursor:
+                move.hole_bytes += data - cursor
+                move.cursor = data
+                continue
+            data_end = source.next_hole(cursor)
+        end = min(data_end, cursor + CHUNK, size)
         end = max(min(-(-end // PAGE) * PAGE, size), min(cursor + PAGE, size))
         copied = 0
         chunk_started, guest_ops = trio.current_time(), disk.io_count

@@ -1,47 +1,54 @@
-"""fio inside a QEMU guest, run by `scripts/bench.py guest`: one boot per contender per
-repetition, each on a fresh non-sparse image that the contender serves as the guest's disk
-(`-drive ...,if=virtio,cache=none,aio=threads`; the guest is scripts/guest.py's, built from
-Debian packages and cached). Each boot runs the four data-path jobs one after another
-(--stonewall) on the first --span % of the disk. qsd-nbd and qsd-move reach their export through
-QEMU's own NBD client (qemu-storage-daemon 7.2 cannot mirror a node under a writable FUSE
-export), so qsd-move's moving/idle ratio is against qsd-nbd.
-
-fusedisk-move and qsd-move start their move when fio's first job starts (a marker on the guest's
-console) at --rate; blocks the guest rewrites whole are in sync and skipped by both movers, so
-the default rate (auto) is the part of the image fio never touches over fio's run plus 15 s: the
-moves outlast fio, and whether each did is reported. Once fio is done, the limit is lifted and
-the move completed. A sampler reads every 0.1 s the CPU time of QEMU's vCPU thread, of QEMU, of
-the serving daemon and of the machine, and reports them over each job's measured window: a vCPU
-busy near 1.0 means the emulated CPU, not the disk, sets the pace.
-"""
+"""`scripts/bench.py guest`: fio inside a QEMU guest on each contender."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
-import os
 import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import benchlib as bl
 import guest
-from benchlib import CONTENDERS, JOBS, MiB, Run, Table, fmt
+from benchlib import JOBS, MiB, Result, Run, Table, fmt
 
 from fusedisk.units import parse_size
 
 IDLE = ("raw", "floor", "fusedisk", "qsd", "qsd-nbd")
 MOVING = ("fusedisk-move", "qsd-move", "floor-mirror")
-NAMES = IDLE + MOVING
 MARK = "BENCHJOB-"  # printed on the guest's console as each fio job starts
 FIO_END = "FUSEDISK-BEGIN-"  # guest.py's init prints it once fio has exited
 EDGE_S = 0.3  # trimmed off each end of a job's window for the CPU figures
 
 
-def run(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
+def options(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(reps=2)
+    p.add_argument("--runtime", type=float, default=8, help="s per job (%(default)s)")
+    p.add_argument("--ramp", type=float, default=1, help="fio ramp_time (%(default)s)")
+    bl.contenders_option(p, IDLE + MOVING, len(IDLE + MOVING))
+    p.add_argument("--span", type=int, default=50, help="%% of the disk fio uses (%(default)s)")
+    p.add_argument("--rate", default="auto", help="move rate, like 10M (auto: see above)")
+    p.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
+    p.add_argument("--keep-logs", action="store_true", help="keep the guests' consoles")
+
+
+def run(args: argparse.Namespace) -> Result:
+    """fio inside a QEMU guest on each contender, idle and during a move.
+
+    One boot per contender per repetition, on a fresh non-sparse image the contender serves as
+    the guest's disk (`-drive ...,if=virtio,cache=none,aio=threads`; scripts/guest.py's guest).
+    Each boot runs the four data-path jobs in turn (--stonewall) on the first --span % of the
+    disk. qsd-nbd and qsd-move go through QEMU's NBD client (qemu-storage-daemon 7.2 cannot
+    mirror a node under a writable FUSE export), so qsd-move's moving/idle is against qsd-nbd.
+    fusedisk-move and qsd-move start moving when fio's first job starts (a marker on the
+    guest's console), at --rate; both skip blocks the guest rewrote whole, so the default (auto)
+    is the part of the image fio never touches over fio's run plus 15 s: the moves outlast fio
+    (each says whether it did); then the limit is lifted and the move completed. Every 0.1 s a
+    sampler reads the CPU time of QEMU's vCPU thread, of QEMU, of the serving daemon and of the
+    machine, for each job's measured window: a vCPU busy near 1.0 means the emulated CPU, not
+    the disk, sets the pace."""
     fio_s = len(JOBS) * (args.runtime + args.ramp)
     untouched = args.size * (100 - args.span) / 100 or args.size
     auto = max(1, int(untouched / (fio_s + 15))) * MiB
@@ -61,28 +68,21 @@ def run(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
 def boot(args: argparse.Namespace, image_guest: guest.GuestImage, name: str, dummy: Path) -> Run:
     """One guest boot on ``name``, from a fresh image to everything removed."""
     with ExitStack() as stack:
-        image = bl.scratch(stack, args.dir / f"guest-{name}.img")
-        bl.make_image(image, args.size * MiB)
-        served = CONTENDERS[name].serve(stack, image, args.dir)
+        image = args.dir / f"guest-{name}.img"
+        served, move = bl.prepare(stack, name, image, args.size * MiB)
         qemu_args = ["-name", f"bench-{name},debug-threads=on"]  # vCPU threads: "CPU 0/TCG"
         disk, device = served.file, "/dev/vda"
         if served.nbd:  # QEMU's NBD client is the guest's second disk
             disk, device = dummy, "/dev/vdb"
             drive = f"file={served.nbd},format=raw,if=virtio,cache=none,aio=threads"
             qemu_args += ["-drive", drive]
-        dest = args.dir / f"guest-{name}.dest"
-        mover = CONTENDERS[name].mover
-        move = mover(stack, served, dest, args.size * MiB) if mover else None
-        os.sync()
-        bl.warm(image)
         console = args.dir / f"console-{name}-{time.strftime('%H%M%S')}.log"
         if not args.keep_logs:
             bl.on_exit(stack, f"rm {console}", bl.remove, console)
         timeout = 180 + 4 * len(JOBS) * (args.runtime + args.ramp)
-        fio = fio_args(args, device)
         with guest.start_fio(
-            disk, fio, accel=args.accel, guest=image_guest, console_log=console,
-            qemu_args=qemu_args, timeout=timeout,
+            disk, fio_args(args, device), accel=args.accel, guest=image_guest,
+            console_log=console, qemu_args=qemu_args, timeout=timeout,
         ) as vm:  # fmt: skip
             sampler = Sampler(vm.proc.pid, served.pid, console)
             try:
@@ -100,8 +100,8 @@ def boot(args: argparse.Namespace, image_guest: guest.GuestImage, name: str, dum
         if not result.ok or result.fio is None:
             raise RuntimeError(f"fio in the guest failed ({result.status}); see {console}")
         r: Run = {"jobs": bl.job_figures(result.fio, JOBS), "boot_s": round(result.boot_seconds, 2)}
-        for job, (start, end) in sampler.job_windows(args.ramp).items():
-            r["jobs"][job].update(sampler.window(start, end))
+        for job, cpu in sampler.job_cpu(args.ramp).items():
+            r["jobs"][job].update(cpu)
         if move is not None:
             fio_start = sampler.marks[JOBS[0].name]
             fio_end = sampler.marks.get("fio-end", time.time())
@@ -144,42 +144,35 @@ def describe(r: Run) -> str:
     return f"{text}; boot {r['boot_s']} s"
 
 
-class Sampler:
+class Sampler(threading.Thread):
     """Every 0.1 s: the CPU seconds of QEMU's vCPU threads, of QEMU, of the serving daemon,
-    and the machine's busy and total jiffies; and when each marker line reached the guest's
-    console log (which guest.py writes line by line)."""
+    and the machine's busy and total jiffies; and when each marker line first showed in the
+    guest's console log (which guest.py writes line by line)."""
 
     def __init__(self, qemu: int, daemon: int | None, console: Path) -> None:
-        self.qemu, self.daemon, self.console = qemu, daemon, console
+        super().__init__(daemon=True)
+        self.qemu, self.server, self.console = qemu, daemon, console
         self.samples: list[tuple[float, ...]] = []
         self.marks: dict[str, float] = {}
-        self._read = 0  # bytes of the console's complete lines read so far
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.done = threading.Event()
+        self.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self._tail()
+    def run(self) -> None:
+        while not self.done.wait(0.1):
+            self.read_marks()
             with contextlib.suppress(OSError, ValueError, IndexError):  # QEMU exiting
-                tasks = Path(f"/proc/{self.qemu}/task")
-                vcpus = [
-                    int(t.name) for t in tasks.iterdir() if (t / "comm").read_text()[:4] == "CPU "
-                ]
+                tasks = Path(f"/proc/{self.qemu}/task").iterdir()
+                vcpus = [int(t.name) for t in tasks if (t / "comm").read_text()[:4] == "CPU "]
                 vcpu = sum(bl.cpu_seconds(self.qemu, tid) for tid in vcpus)
-                daemon = bl.cpu_seconds(self.daemon) if self.daemon else math.nan
+                daemon = bl.cpu_seconds(self.server) if self.server else math.nan
                 self.samples.append(
                     (time.time(), vcpu, bl.cpu_seconds(self.qemu), daemon, *bl.cpu_times())
                 )
 
-    def _tail(self) -> None:
-        with contextlib.suppress(OSError), open(self.console, "rb") as f:
-            f.seek(self._read)
-            data = f.read()
-            data = data[: data.rfind(b"\n") + 1]
-            self._read += len(data)
-            now = time.time()
-            for line in data.decode(errors="replace").splitlines():
+    def read_marks(self) -> None:
+        now = time.time()
+        with contextlib.suppress(OSError):
+            for line in self.console.read_text(errors="replace").splitlines():
                 name = line.partition(MARK)[2].strip()
                 if name in (j.name for j in JOBS):  # not the option's echo in fio's JSON
                     self.marks.setdefault(name, now)
@@ -187,43 +180,33 @@ class Sampler:
                     self.marks.setdefault("fio-end", now)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._tail()
+        self.done.set()
+        self.join(5)
+        self.read_marks()
 
-    def window(self, start: float, end: float) -> dict[str, float]:
-        inside = [s for s in self.samples if start <= s[0] <= end]
-        if len(inside) < 2 or inside[-1][0] - inside[0][0] < 0.5:
-            return {}
-        a, b = inside[0], inside[-1]
-        dt = b[0] - a[0]
-        names = ("vcpu_busy", "qemu_cores", "daemon_cores")  # no daemon: NaN, left out
-        figures = {k: round((y - x) / dt, 3) for k, x, y in zip(names, a[1:4], b[1:4], strict=True)}
-        figures["machine_busy"] = bl.busy((a[4], a[5]), (b[4], b[5]))
-        return {k: v for k, v in figures.items() if not math.isnan(v)}
+    def job_cpu(self, ramp: float) -> dict[str, dict[str, float]]:
+        """Per job, over its measured part on the host's clock (its marker plus the ramp, to the
+        next job's marker or fio's end, less EDGE_S at both ends): vCPU busy, QEMU's cores,
+        the daemon's (if any), the machine's busy."""
+        figures = {}
+        for job, end in zip(JOBS, [*(j.name for j in JOBS[1:]), "fio-end"], strict=True):
+            if job.name not in self.marks or end not in self.marks:
+                continue
+            t0, t1 = self.marks[job.name] + ramp + EDGE_S, self.marks[end] - EDGE_S
+            inside = [s for s in self.samples if t0 <= s[0] <= t1]
+            if len(inside) < 2 or inside[-1][0] - inside[0][0] < 0.5:
+                continue
+            a, b = inside[0], inside[-1]
+            names = ("vcpu_busy", "qemu_cores", "daemon_cores")
+            cpu = {
+                k: round((y - x) / (b[0] - a[0]), 3)
+                for k, x, y in zip(names, a[1:4], b[1:4], strict=True)
+            }
+            cpu["machine_busy"] = bl.busy((a[4], a[5]), (b[4], b[5]))
+            figures[job.name] = {k: v for k, v in cpu.items() if not math.isnan(v)}  # no daemon
+        return figures
 
-    def job_windows(self, ramp: float) -> dict[str, tuple[float, float]]:
-        """Each job's measured part on the host's clock: its marker plus the ramp, to the next
-        job's marker (or fio's end), trimmed by EDGE_S at both ends."""
-        ends = [*(j.name for j in JOBS[1:]), "fio-end"]
-        return {
-            job.name: (self.marks[job.name] + ramp + EDGE_S, self.marks[end] - EDGE_S)
-            for job, end in zip(JOBS, ends, strict=True)
-            if job.name in self.marks and end in self.marks
-        }
 
-
-CPU_COLUMNS = {
-    "vCPU busy": "vcpu_busy",
-    "QEMU cores": "qemu_cores",
-    "guest fio cores": "fio_cores",
-    "daemon cores": "daemon_cores",
-    "machine busy": "machine_busy",
-}
-MOVING_RATIOS = (
-    *("fd moving/floor", "fd moving/floor-mirror", "fd moving/qsd moving"),
-    *("fd moving/idle", "qsd mirroring/idle (NBD)"),
-)
 MOVE_COLUMNS = {
     "started after fio's 1st job (s)": "started_after_first_job_s",
     "overlapped whole fio run": "overlapped_whole_fio_run",
@@ -247,12 +230,10 @@ def tables(args: argparse.Namespace, runs: dict[str, list[Run]]) -> list[Table]:
     moving = Table(
         f"{head}, during a move at {args.rate_bytes / MiB:g} MiB/s (qsd: blockdev-mirror under "
         "its NBD export); floor-mirror does not move: it writes each write twice",
-        ["job", *MOVING, *MOVING_RATIOS, "fd moving >= 0.5 floor (4k write)"],
-    )
-    cpu = Table(
-        "Where the time goes, medians per job window (1.0 = one core; vCPU: the guest's vCPU "
-        "thread as the host sees it)",
-        ["job", "contender", *CPU_COLUMNS],
+        [
+            *("job", *MOVING, "fd moving/floor", "fd moving/floor-mirror", "fd moving/qsd moving"),
+            *("fd moving/idle", "qsd mirroring/idle (NBD)", "fd moving >= 0.5 floor (4k write)"),
+        ],
     )
     for job in JOBS:
         fd = figures("fusedisk-move", job)
@@ -263,10 +244,6 @@ def tables(args: argparse.Namespace, runs: dict[str, list[Run]]) -> list[Table]:
         digits = 0 if job.metric == "iops" else 1
         cells = [fmt(bl.median(figures(n, job)), digits) for n in MOVING]
         moving.add(job.name, *cells, *(r[1] for r in ratios), target)
-        for name in runs:
-            cpu.add(
-                job.name, name, *(bl.median(figures(name, job, k)) for k in CPU_COLUMNS.values())
-            )
     moves = Table(
         "Moves (fusedisk's progress is its copy cursor, qsd's counts mirrored writes too; qsd's "
         "pause is an upper bound)",
@@ -275,4 +252,14 @@ def tables(args: argparse.Namespace, runs: dict[str, list[Run]]) -> list[Table]:
     for name in ("fusedisk-move", "qsd-move"):
         for i, r in enumerate(runs.get(name, [])):
             moves.add(f"{name} #{i + 1}", *(r["move"][k] for k in MOVE_COLUMNS.values()))
+    labels = ("vCPU busy", "QEMU cores", "guest fio cores", "daemon cores", "machine busy")
+    cpu = Table(
+        "Where the time goes, medians per job window (1.0 = one core; vCPU: the guest's vCPU "
+        "thread as the host sees it)",
+        ["job", "contender", *labels],
+    )
+    keys = ("vcpu_busy", "qemu_cores", "fio_cores", "daemon_cores", "machine_busy")
+    for job in JOBS:
+        for name in runs:
+            cpu.add(job.name, name, *(bl.median(figures(name, job, k)) for k in keys))
     return [idle, *([moving, moves] if moves.rows else []), cpu]

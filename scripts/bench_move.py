@@ -1,72 +1,83 @@
-"""Live moves, run by `scripts/bench.py move`, each on a fresh non-sparse image; every
-repetition runs each scenario's contenders in turn.
-
-  idle   cp; fusedisk-move (`fusedisk migrate`: to a local filesystem the destination is
-         written inline); fusedisk-move-deadline (the same with --dest-timeout 1: worker
-         threads and a deadline, the default on network filesystems); qsd-move
-         (blockdev-mirror, then job-complete)
-  load   the same moves while fio writes 4 KiB at random, iodepth 16, through the contender;
-         and floor and floor-mirror with the same writer and no move: the floors it is judged
-         against (the writer's "during" window is then --before seconds long)
-  split  fusedisk-move under the writer, mirroring with the copier held to 1 MiB/s for --before
-         seconds, then copying flat out: where the writer's loss comes from
-
-qemu-storage-daemon 7.2 cannot mirror a node under a writable FUSE export (the export takes the
-RESIZE permission, which the mirror job does not share), so qsd-move serves its image through
-an NBD export, and its writer uses fio's nbd engine. The writer logs every write's latency in
-Unix time, so its IOPS, p99 and worst latency split exactly into before, during and after the
-move, at the move's own start and end (fusedisk: the daemon's `started`/`finished`; qsd: the
-mirror command and BLOCK_JOB_COMPLETED's timestamp). fusedisk's switch pause is measured inside
-the daemon; qsd's is job-complete sent -> BLOCK_JOB_COMPLETED, an upper bound. --profile DIR
-then runs one more fusedisk move per scenario under py-spy.
-
-The destination is --dir, or with --remote a directory on sshfs mounted from a private sshd on
-127.0.0.1 (tests/remote.py's fixture; its files are on the same local disk, behind ssh and
-SFTP): moves and cp go there; the floors, which do not move, stay in --dir (floor-mirror's
-second file too).
-"""
+"""`scripts/bench.py move`: live moves, idle and under a writer."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import benchlib as bl
-from benchlib import CONTENDERS, MiB, Run, Table, fmt
+from benchlib import MiB, Result, Run, Table, fmt
 
 from fusedisk.units import parse_size
 
 SCENARIOS = {
     "idle": ("cp", "fusedisk-move", "fusedisk-move-deadline", "qsd-move"),
-    "load": ("fusedisk-move", "fusedisk-move-deadline", "qsd-move", "floor", "floor-mirror"),
+    "load": (
+        "fusedisk-move",
+        "fusedisk-move-deadline",
+        "fusedisk-move-thread",
+        "qsd-move",
+        "floor",
+        "floor-mirror",
+    ),
     "split": ("fusedisk-move",),
 }
 LABELS = {  # table columns
     "fusedisk-move": "fusedisk",
     "fusedisk-move-deadline": "fusedisk with deadline (--dest-timeout 1)",
+    "fusedisk-move-thread": "deadline, writes in a thread (before)",
     "qsd-move": "qsd mirror (NBD export)",
     "floor": "floor",
     "floor-mirror": "floor-mirror",
 }
-MIN_WINDOW = 0.2  # s: a window shorter than this is too short to quote IOPS for
 
 
-def run(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
+def options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenarios", default="idle,load", help="idle, load, split (%(default)s)")
+    p.add_argument("--before", type=float, default=5, help="writer s before the move (5)")
+    p.add_argument("--after", type=float, default=5, help="writer s after the move (5)")
+    p.add_argument("--ramp", type=float, default=1.5, help="writer warm-up s, not counted (1.5)")
+    p.add_argument("--rate", default="0", help="copy rate limit of the movers, like 200M")
+    p.add_argument("--remote", action="store_true", help="move to sshfs from a private sshd")
+    p.add_argument("--profile", type=Path, metavar="DIR", help="afterwards, py-spy fusedisk")
+    p.add_argument("--native", action="store_true", help="py-spy C frames too (pauses it)")
+
+
+def run(args: argparse.Namespace) -> Result:
+    """live moves, idle and under a writer, against cp, qsd and the floors.
+
+    Each contender on a fresh non-sparse image; each repetition runs every scenario's in turn:
+      idle   cp (then fdatasync, then rm and a directory fsync, each timed); fusedisk-move
+             (`fusedisk migrate`: to a local filesystem, the destination written inline);
+             fusedisk-move-deadline (--dest-timeout 1: a writer process, a worker thread and a
+             deadline, the default on network filesystems); qsd-move (blockdev-mirror, then
+             job-complete)
+      load   the same moves (and fusedisk-move-thread: the deadline's writes in a thread, as
+             before the writer process) while fio writes 4 KiB at random, QD16; and
+             floor and floor-mirror under the same writer with no move: the floors it is judged
+             against (their "during" window is --before s long)
+      split  fusedisk-move under the writer: --before s mirroring with the copier held to
+             1 MiB/s, then copying flat out: where the writer's loss comes from
+    qsd-move serves its image through an NBD export (qemu-storage-daemon 7.2 cannot mirror a
+    node under a writable FUSE export: the export takes the RESIZE permission), and its writer
+    uses fio's nbd engine. The writer logs every write in Unix time, so its figures split
+    exactly at the move's own start and end (fusedisk: the daemon's `started`/`finished`; qsd:
+    the mirror command and BLOCK_JOB_COMPLETED's timestamp). fusedisk's switch pause is measured
+    in the daemon; qsd's is job-complete sent -> BLOCK_JOB_COMPLETED, an upper bound. --remote
+    moves (and cp) to sshfs from a private sshd on 127.0.0.1 (tests/remote.py's fixture; its
+    files on the same local disk, behind ssh and SFTP); the floors stay in --dir. --profile DIR
+    then runs one more fusedisk move per scenario under py-spy."""
     args.rate_bytes, scenarios = parse_size(args.rate), args.scenarios.split(",")
     if not set(scenarios) <= SCENARIOS.keys():
         raise SystemExit(f"bench: the scenarios are {', '.join(SCENARIOS)}")
     plan = [f"{s} {name}" for s in scenarios for name in SCENARIOS[s]]
-    where = "to --dir"
-    if args.remote:  # sshfs passes fsync on to sshd (fsync@openssh.com), which fsyncs the file
-        where = "to sshfs from a private sshd on 127.0.0.1"
+    # sshfs passes fsync on to sshd (fsync@openssh.com), which fsyncs the file
+    where = "to sshfs from a private sshd on 127.0.0.1" if args.remote else "to --dir"
     with ExitStack() as stack:  # the remote, if any, for the whole run
         args.dest = bl.sshfs_destination(stack, args.dir / "remote") if args.remote else args.dir
         runs = bl.interleave(args.reps, plan, lambda entry: one(args, entry), describe)
@@ -85,19 +96,13 @@ def one(args: argparse.Namespace, entry: str, profile: Path | None = None) -> Ru
     """One contender in one scenario (``entry``: "SCENARIO NAME"), from a fresh image to
     everything removed."""
     scenario, name = entry.split()
-    if name == "cp":
-        return run_cp(args)
-    size = args.size * MiB
     with ExitStack() as stack:
-        image = bl.scratch(stack, args.dir / f"{scenario}-{name}.img")
-        bl.make_image(image, size)
-        served = CONTENDERS[name].serve(stack, image, args.dir)
-        dest = args.dest / f"{scenario}-{name}.dest"
-        mover = CONTENDERS[name].mover
-        move = mover(stack, served, dest, size) if mover else None
-        os.sync()
-        bl.warm(image)
-        writer = None if scenario == "idle" else Writer(stack, served, image.with_suffix(""))
+        image, dest = args.dir / f"{scenario}-{name}.img", args.dest / f"{scenario}-{name}.dest"
+        if name == "cp":
+            bl.prepare(stack, "raw", image, args.size * MiB)
+            return run_cp(image, bl.scratch(stack, dest))
+        served, move = bl.prepare(stack, name, image, args.size * MiB, dest)
+        writer = None if scenario == "idle" else bl.Writer(stack, served, image.with_suffix(""))
         time.sleep(0 if writer is None else args.ramp + args.before)
         with bl.profiled(served.pid, profile, args.native) as profiled:
             r: Run = {"started": time.time()}
@@ -126,22 +131,17 @@ def one(args: argparse.Namespace, entry: str, profile: Path | None = None) -> Ru
         return r
 
 
-def run_cp(args: argparse.Namespace) -> Run:
-    """cp timed; then an fdatasync of the copy; then rm of the source and a directory fsync,
-    each timed on its own: a durable copy, as a move is."""
-    with ExitStack() as stack:
-        src, dst = bl.scratch(stack, args.dir / "cp.img"), bl.scratch(stack, args.dest / "cp.copy")
-        bl.make_image(src, args.size * MiB)
-        os.sync()
-        bl.warm(src)
-        t0 = time.perf_counter()
-        subprocess.run(["cp", str(src), str(dst)], check=True)
-        t1 = time.perf_counter()
-        sync(dst, os.fdatasync)
-        t2 = time.perf_counter()
-        src.unlink()
-        sync(args.dir, os.fsync)
-        t3 = time.perf_counter()
+def run_cp(src: Path, dst: Path) -> Run:
+    """cp timed; then an fdatasync of the copy; then rm of the source and an fsync of its
+    directory, each timed on its own: a durable copy, as a move is."""
+    t0 = time.perf_counter()
+    subprocess.run(["cp", str(src), str(dst)], check=True)
+    t1 = time.perf_counter()
+    sync(dst, os.fdatasync)
+    t2 = time.perf_counter()
+    src.unlink()
+    sync(src.parent, os.fsync)
+    t3 = time.perf_counter()
     return {
         "cp_s": round(t1 - t0, 3),
         "cp_fdatasync_s": round(t2 - t0, 3),
@@ -149,7 +149,7 @@ def run_cp(args: argparse.Namespace) -> Run:
     }
 
 
-def sync(path: Path, how: Any) -> None:
+def sync(path: Path, how: Callable[[int], None]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         how(fd)
@@ -164,73 +164,6 @@ def describe(r: Run) -> str:
     if "writer" in r:
         text += "; writer IOPS " + ", ".join(f"{k} {w['iops']}" for k, w in r["writer"].items())
     return text
-
-
-# ---- the writer -------------------------------------------------------------------------------
-
-
-class Writer:
-    """fio writing 4 KiB at random, iodepth 16, through a file (libaio, O_DIRECT) or an NBD URI
-    (fio's nbd engine: libnbd, as asynchronous as libaio), logging each write's latency."""
-
-    def __init__(
-        self, stack: ExitStack, served: bl.Served, prefix: Path, options: Sequence[str] = ()
-    ) -> None:
-        if served.nbd:
-            target = ["--ioengine=nbd", f"--uri={served.nbd}"]
-        else:
-            target = [f"--filename={served.file}", "--ioengine=libaio", "--direct=1"]
-        command = ["fio", "--name=writer", *target, "--rw=randwrite", "--bs=4k", "--iodepth=16"]
-        command += ["--time_based=1", "--runtime=3600", "--randrepeat=0", "--output-format=json"]
-        command += [f"--write_lat_log={prefix}", "--log_unix_epoch=1", *options]
-        self.log = [bl.scratch(stack, Path(f"{prefix}_{k}.1.log")) for k in ("lat", "clat", "slat")]
-        self.started = time.time()
-        self.proc = bl.start(stack, command, signal.SIGINT, 30)  # fio then writes its logs
-        time.sleep(0.5)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"writer fio exited: {self.proc.communicate()[1][-2000:]}")
-
-    def stop(self, edges: dict[str, float]) -> dict[str, Any]:
-        """Stop fio (SIGINT: it writes its log and JSON); its figures in the windows that
-        start at each edge, the last one ending now."""
-        stop = time.time()
-        bl.terminate(self.proc, signal.SIGINT, 30)
-        out, err = self.proc.communicate()
-        if "{" not in out or bl.parse_fio(out)["jobs"][0]["error"]:
-            raise RuntimeError(f"writer fio failed: {err[-2000:]}")
-        self.times, self.lats = [], []  # completion time (s, Unix), latency (ms)
-        with open(self.log[0], encoding="ascii") as f:
-            for line in f:
-                fields = line.split(",", 2)
-                self.times.append(int(fields[0]) / 1000)
-                self.lats.append(int(fields[1]) / 1e6)
-        ends = [*list(edges.values())[1:], stop]
-        return {k: self.window(t0, t1) for (k, t0), t1 in zip(edges.items(), ends, strict=True)}
-
-    def window(self, start: float, end: float) -> dict[str, Any]:
-        """Writes completed in [start, end): IOPS, latency percentiles and worst, and the worst
-        IOPS over the window's whole seconds."""
-        span = end - start
-        lats = sorted(x for t, x in zip(self.times, self.lats, strict=True) if start <= t < end)
-        per_second = [0] * int(span)
-        for t in self.times:
-            if 0 <= t - start < int(span):
-                per_second[int(t - start)] += 1
-
-        def pct(q: int) -> float | None:  # nearest rank
-            return round(lats[max(0, math.ceil(len(lats) * q / 100) - 1)], 3) if lats else None
-
-        return {
-            "seconds": round(span, 3),
-            "iops": round(len(lats) / span) if span >= MIN_WINDOW else None,
-            "p50_ms": pct(50),
-            "p99_ms": pct(99),
-            "max_ms": pct(100),
-            "min_1s_iops": min(per_second, default=None),
-        }
-
-
-# ---- tables -----------------------------------------------------------------------------------
 
 
 def idle_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
@@ -254,18 +187,14 @@ def idle_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
     t.add(
         "time / durable cp (fusedisk: +rm)", "-", "1.00", "1.00", *(d[1] for d in durable.values())
     )
-    default = moves["fusedisk-move"]
-    t.add("time / fusedisk's", *no_cp, *(bl.compare(m, default)[1] for m in moves.values()))
-    for label, key in {
-        "switch pause (ms)": "switch_pause_ms",
-        "copied / size": "copied_ratio",
-    }.items():
-        t.add(label, *no_cp, *(bl.med(rs, key) for rs in movers.values()))
+    fd = moves["fusedisk-move"]
+    t.add("time / fusedisk's", *no_cp, *(bl.compare(m, fd)[1] for m in moves.values()))
+    t.add("switch pause (ms)", *no_cp, *(bl.med(rs, "switch_pause_ms") for rs in movers.values()))
+    t.add("copied / size", *no_cp, *(bl.med(rs, "copied_ratio") for rs in movers.values()))
     v = Table("Idle move targets", ["target", "fusedisk", "goal", "verdict"])
-    fd, qsd = moves["fusedisk-move"], moves["qsd-move"]
     v.target("move time / cp", over["fusedisk-move"], 1.2, at_most=True)
     v.target("move time / durable cp", durable["fusedisk-move"], 1.2, at_most=True)
-    v.target("move time at most qsd's (s)", bl.median(fd), bl.median(qsd), True)
+    v.target("move time at most qsd's (s)", bl.median(fd), bl.median(moves["qsd-move"]), True)
     v.target("switch pause (ms)", bl.med(movers["fusedisk-move"], "switch_pause_ms"), 10, True)
     return [t, v]
 
@@ -291,7 +220,13 @@ def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
     for window in ("before", "during", "after"):
         row(f"writer IOPS {window}", "writer", window, "iops", digits=0)
     t.add("IOPS during / before", *(bl.compare(iops(n), iops(n, "before"))[1] for n in cols))
-    for peer in ("floor", "floor-mirror", "qsd-move", "fusedisk-move-deadline"):
+    for peer in (
+        "floor",
+        "floor-mirror",
+        "qsd-move",
+        "fusedisk-move-deadline",
+        "fusedisk-move-thread",
+    ):
         t.add(f"IOPS during / {peer}'s", *(bl.compare(iops(n), iops(peer))[1] for n in cols))
     row("worst 1 s IOPS during", "writer", "during", "min_1s_iops", digits=0)
     for window in ("before", "during", "after"):

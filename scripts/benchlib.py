@@ -1,8 +1,24 @@
-"""The machinery of scripts/bench.py: contenders, movers, fio, the interleaved runner, reports.
+"""The machinery of scripts/bench.py: processes, contenders and movers, fio, the interleaved
+runner, statistics, tables and the report.
 
 Everything a run starts (images, mounts, daemons, fio, moves) is registered on an ExitStack the
 moment it exists, so an error, Ctrl-C or SIGTERM unwinds all of it, newest first; an undo that
 fails is logged and the ones after it still run.
+
+Adding a subcommand, say `bench.py resume`:
+1. Write ``resume(args) -> Result``: the tables to print, and a dict of data that --json writes
+   beside them, the settings and the machine notes. Its docstring is its --help, the first line
+   its summary in `bench.py --help`. Put it in bench.py, or in a module of its own when it is
+   long (bench_move.py, bench_guest.py).
+2. Write ``resume_options(parser)``, its own options. Every subcommand has --dir (scratch
+   space, made before it runs), --json, --size (MiB) and --reps (``parser.set_defaults(reps=N)``
+   sets its default); ``contenders_option`` adds a checked --contenders.
+3. Add ``"resume": (resume_options, resume)`` to SUBCOMMANDS in bench.py.
+Inside it, ``prepare`` makes a fresh image served by one of CONTENDERS (and its mover, for a
+moving one); ``interleave`` runs contenders once per repetition, interleaved; ``Writer`` is a
+fio writer measured in time windows; ``run`` and ``fusedisk`` run a command, checked; ``Table``
+is a printed table, with ``values``, ``med``, ``compare`` and ``verdict`` for its cells. A new
+contender is one more entry in CONTENDERS.
 """
 
 from __future__ import annotations
@@ -33,15 +49,14 @@ from typing import Any
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
 Run = dict[str, Any]  # the figures of one run of one contender
+Result = tuple[list["Table"], dict[str, Any]]  # a subcommand's tables, and its data for --json
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# ---- starting and stopping ------------------------------------------------------------------
-
-
+# ---- starting and stopping
 def on_exit(stack: ExitStack, what: str, undo: Callable[..., object], *args: object) -> None:
     """Run ``undo(*args)`` when ``stack`` unwinds; a failure is logged, the rest still run."""
 
@@ -54,8 +69,8 @@ def on_exit(stack: ExitStack, what: str, undo: Callable[..., object], *args: obj
     stack.callback(run)
 
 
-def terminate(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-    """Stop a process this script started (by its own handle), escalating to SIGKILL."""
+def terminate(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 120) -> None:
+    """Stop a process this script started, by its own handle, escalating to SIGKILL."""
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
@@ -65,19 +80,34 @@ def terminate(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: f
             proc.wait(10)
 
 
-def start(stack: ExitStack, command: list[str], sig: int, timeout: float) -> subprocess.Popen[str]:
-    """Start a process with its output piped, in a session of its own (a terminal's Ctrl-C
-    reaches only the bench), and register stopping it by ``sig``."""
+def start(
+    stack: ExitStack, command: list[str], sig: int = signal.SIGINT, piped: bool = True
+) -> subprocess.Popen[str]:
+    """Start ``command`` in a session of its own (a terminal's Ctrl-C reaches only the bench),
+    its output piped or else on the bench's stderr, and register stopping it by ``sig``
+    (SIGINT: fio writes its logs and JSON, `fusedisk migrate` cancels its move)."""
+    out = subprocess.PIPE if piped else sys.stderr
     proc = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, text=True, start_new_session=True
     )
-    on_exit(stack, command[0], terminate, proc, sig, timeout)
+    on_exit(stack, f"stop {command[:2]}", terminate, proc, sig)
     return proc
+
+
+def start_daemon(
+    stack: ExitStack, command: list[str], ready: Callable[[], bool], mountpoint: Path
+) -> int:
+    """Start a serving daemon and wait up to 30 s for ``ready()``; its pid. On unwinding,
+    SIGTERM stops it (floor.py then leaves its mount behind) and ``mountpoint`` is unmounted
+    lazily, if mounted."""
+    on_exit(stack, f"unmount {mountpoint}", unmount, mountpoint, True)
+    proc = start(stack, command, signal.SIGTERM, piped=False)
+    deadline = time.monotonic() + 30
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{command[:2]} is not ready (exit status {proc.poll()})")
+        time.sleep(0.05)
+    return proc.pid
 
 
 def is_mounted(path: Path) -> bool:
@@ -104,10 +134,10 @@ def scratch(stack: ExitStack, path: Path) -> Path:
     return path
 
 
-def make_image(path: Path, size: int, seed: int = 1) -> None:
+def make_image(path: Path, size: int) -> None:
     """A non-sparse image: 1 MiB of seeded random bytes per block, stamped with the block number,
-    so every block differs and two calls with one seed give identical files."""
-    block = bytearray(random.Random(seed).randbytes(MiB))
+    so every block differs and every image is the same."""
+    block = bytearray(random.Random(1).randbytes(MiB))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         for offset in range(0, size, MiB):
@@ -116,41 +146,6 @@ def make_image(path: Path, size: int, seed: int = 1) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def warm(path: Path) -> None:
-    """Read a file once so its pages are cached: every contender starts alike."""
-    with open(path, "rb", buffering=0) as f:
-        while f.read(4 * MiB):
-            pass
-
-
-def _remove_if_empty(path: Path) -> None:
-    if path.exists() and not path.stat().st_size:
-        remove(path)
-
-
-def start_daemon(
-    stack: ExitStack,
-    command: list[str],
-    log_path: Path,
-    ready: Callable[[], bool],
-    stop: Callable[[subprocess.Popen[bytes]], None],
-) -> subprocess.Popen[bytes]:
-    """Start a serving daemon, register ``stop(proc)``, wait up to 30 s for ``ready()``. Its
-    output goes to ``log_path``, kept only if it said something."""
-    on_exit(stack, f"rm {log_path}", _remove_if_empty, log_path)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-        )
-    on_exit(stack, f"stop {command[:2]}", stop, proc)
-    deadline = time.monotonic() + 30
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{command[:2]} is not ready ({proc.poll()}); see {log_path}")
-        time.sleep(0.05)
-    return proc
 
 
 def sshfs_destination(stack: ExitStack, work: Path) -> Path:
@@ -181,9 +176,7 @@ def _remove_tree(path: Path, mountpoint: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-# ---- contenders -------------------------------------------------------------------------------
-
-
+# ---- contenders
 @dataclass
 class Served:
     """How a contender serves an image: the file fio or QEMU opens, and what else is needed."""
@@ -194,23 +187,29 @@ class Served:
     nbd: str | None = None  # qemu-storage-daemon's NBD URI (``file`` is then its socket)
 
 
-def fusedisk(*args: str | Path, timeout: float = 600) -> str:
-    """Run the venv's fusedisk CLI; its stdout, or RuntimeError with its stderr."""
-    command = [sys.executable, "-m", "fusedisk", *map(str, args)]
+def run(*command: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
+    """``command``'s stdout, or RuntimeError with the end of its stderr; ``env`` added to ours."""
+    argv = list(map(str, command))
     r = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=None if env is None else os.environ | env,
     )
     if r.returncode:
-        raise RuntimeError(f"fusedisk {' '.join(map(str, args))}: {r.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()[-2000:]}")
     return r.stdout
 
 
-def status(mountpoint: Path) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(fusedisk("status", mountpoint, "--json"))
-    return result
+def fusedisk(*args: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
+    """Run the venv's fusedisk CLI (``sys.executable -m fusedisk``)."""
+    return run(sys.executable, "-m", "fusedisk", *args, timeout=timeout, env=env)
 
 
-def _mountpoint(stack: ExitStack, path: Path) -> Path:
+def _mountpoint(stack: ExitStack, image: Path) -> Path:
+    path = image.with_suffix(".mnt")
     path.mkdir(exist_ok=True)
     on_exit(stack, f"rmdir {path}", _rmdir, path)
     return path
@@ -221,12 +220,12 @@ def _rmdir(path: Path) -> None:
         path.rmdir()
 
 
-def serve_raw(stack: ExitStack, image: Path, work: Path) -> Served:
+def serve_raw(stack: ExitStack, image: Path) -> Served:
     return Served(image)
 
 
-def serve_fusedisk(stack: ExitStack, image: Path, work: Path) -> Served:
-    mnt = _mountpoint(stack, work / f"{image.stem}.mnt")
+def serve_fusedisk(stack: ExitStack, image: Path, env: dict[str, str] | None = None) -> Served:
+    mnt = _mountpoint(stack, image)
     served = Served(mnt / "disk")
 
     def stop() -> None:
@@ -241,37 +240,28 @@ def serve_fusedisk(stack: ExitStack, image: Path, work: Path) -> Served:
                     os.kill(served.pid, signal.SIGKILL)
 
     on_exit(stack, f"unmount {mnt}", stop)  # before mounting: a half-made mount is undone too
-    fusedisk("mount", image, mnt, "--name", "disk")
-    served.pid = int(status(mnt)["pid"])
+    fusedisk("mount", image, mnt, "--name", "disk", env=env)  # the daemon keeps ``env``
+    served.pid = int(json.loads(fusedisk("status", mnt, "--json"))["pid"])
     return served
 
 
-def serve_floor(stack: ExitStack, image: Path, work: Path, mirror: bool = False) -> Served:
-    mnt = _mountpoint(stack, work / f"{image.stem}.mnt")
+def serve_floor(stack: ExitStack, image: Path, mirror: bool = False) -> Served:
+    mnt = _mountpoint(stack, image)
     command = [sys.executable, str(Path(__file__).with_name("floor.py")), str(image), str(mnt)]
     if mirror:  # a new sparse file of the same size, as a move's destination starts
-        copy = scratch(stack, image.with_suffix(".mirror"))
-        copy.touch()
-        os.truncate(copy, image.stat().st_size)
-        command += ["--mirror", str(copy)]
-
-    def stop(proc: subprocess.Popen[bytes]) -> None:
-        unmount(mnt)  # floor.py returns once unmounted
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(15)
-        terminate(proc)
-        unmount(mnt, lazy=True)
-
-    log_path = work / f"{image.stem}.floor.log"
-    proc = start_daemon(stack, command, log_path, lambda: is_mounted(mnt), stop)
-    return Served(mnt / "disk", proc.pid)
+        with open(scratch(stack, image.with_suffix(".mirror")), "wb") as copy:
+            copy.truncate(image.stat().st_size)
+        command += ["--mirror", copy.name]
+    return Served(
+        mnt / "disk", start_daemon(stack, command, functools.partial(is_mounted, mnt), mnt)
+    )
 
 
-def serve_qsd(stack: ExitStack, image: Path, work: Path, nbd: bool = False) -> Served:
+def serve_qsd(stack: ExitStack, image: Path, nbd: bool = False) -> Served:
     """qemu-storage-daemon serving ``image``: a writable FUSE export over a regular file, as
     shared/GUEST.md shows, or (``nbd``) a writable NBD export on a unix socket; QMP beside."""
-    export = scratch(stack, work / f"{image.stem}.{'nbd' if nbd else 'export'}")
-    qmp = scratch(stack, work / f"{image.stem}.qmp")
+    export = scratch(stack, image.with_suffix(".nbd" if nbd else ".export"))
+    qmp = scratch(stack, image.with_suffix(".qmp"))
     command = [
         "qemu-storage-daemon",
         "--blockdev", f"node-name=file0,driver=file,filename={image}",
@@ -290,16 +280,8 @@ def serve_qsd(stack: ExitStack, image: Path, work: Path, nbd: bool = False) -> S
     def ready() -> bool:
         return qmp.exists() and (export.exists() if nbd else is_mounted(export))
 
-    def stop(proc: subprocess.Popen[bytes]) -> None:
-        terminate(proc)
-        unmount(export, lazy=True)
-
-    proc = start_daemon(stack, command, work / f"{image.stem}.qsd.log", ready, stop)
     uri = f"nbd+unix:///disk?socket={export}" if nbd else None
-    return Served(export, proc.pid, qmp=qmp, nbd=uri)
-
-
-# ---- movers -----------------------------------------------------------------------------------
+    return Served(export, start_daemon(stack, command, ready, export), qmp=qmp, nbd=uri)
 
 
 class FusediskMove:
@@ -313,15 +295,13 @@ class FusediskMove:
 
     def start(self, rate: int) -> None:
         command = [sys.executable, "-m", "fusedisk", "migrate", str(self.mnt), str(self.dest)]
-        command += [*self.options, "--json", "--rate", str(rate)]
-        # SIGINT, if the bench stops it early, cancels the move
-        self.proc = start(self.stack, command, signal.SIGINT, 120)
+        self.proc = start(self.stack, [*command, *self.options, "--json", "--rate", str(rate)])
 
     def set_rate(self, rate: int) -> None:
         fusedisk("rate", self.mnt, str(rate))
 
     def snapshot(self) -> dict[str, Any]:
-        s = status(self.mnt)
+        s = json.loads(fusedisk("status", self.mnt, "--json"))
         return {
             "moving": s["phase"] == "mirroring",
             "progress": round(s["progress_bytes"] / max(1, s["total_bytes"]), 3),
@@ -333,14 +313,13 @@ class FusediskMove:
         if self.proc.returncode:
             raise RuntimeError(f"fusedisk migrate failed: {err.strip()}")
         s = json.loads(out)
-        keys: tuple[str, ...] = ("switch_pause_ms", "copied_bytes", "mirrored_bytes")
-        keys += ("synced_by_writes_bytes", "hole_bytes", "size")
+        keys = ("switch_pause_ms", "copied_bytes", "mirrored_bytes", "synced_by_writes_bytes")
         return {
             "started": s["started"],
             "finished": s["finished"],
             "move_s": round(s["finished"] - s["started"], 3),
             "copied_ratio": round(s["copied_bytes"] / s["size"], 4),
-            **{k: s[k] for k in keys},
+            **{k: s[k] for k in (*keys, "hole_bytes", "size")},
             "dest_timeout": s.get("dest_timeout"),  # what the daemon ran with
         }
 
@@ -379,48 +358,46 @@ class QsdMirror:
         t_complete = time.time()
         self.qmp.cmd("job-complete", id="move0")
         done = self._event("BLOCK_JOB_COMPLETED")
-        finished = _event_time(done)
         return {
             "started": self.started,
-            "finished": finished,
-            "move_s": round(finished - self.started, 3),
-            "ready_after_s": round(_event_time(ready) - self.started, 3),
+            "finished": done["time"],
+            "move_s": round(done["time"] - self.started, 3),
+            "ready_after_s": round(ready["time"] - self.started, 3),
             # job-complete sent -> BLOCK_JOB_COMPLETED's own timestamp: an upper bound on the
             # drained section in which qsd swaps the nodes.
-            "switch_pause_ms": round((finished - t_complete) * 1000, 1),
+            "switch_pause_ms": round((done["time"] - t_complete) * 1000, 1),
             "copied_ratio": round(done["data"].get("offset", 0) / self.size, 4),
         }
 
     def _event(self, name: str) -> dict[str, Any]:
+        """The next event ``name``, with its timestamp as "time" (Unix seconds)."""
         while True:
             event = self.qmp.pull_event(wait=1800.0)  # TimeoutError after that
             assert event is not None
             if event["event"] == "BLOCK_JOB_COMPLETED" and event["data"].get("error"):
                 raise RuntimeError(f"qsd mirror failed: {event['data']['error']}")
             if event["event"] == name:
-                return event
-
-
-def _event_time(event: dict[str, Any]) -> float:
-    return float(event["timestamp"]["seconds"]) + float(event["timestamp"]["microseconds"]) / 1e6
+                stamp = event["timestamp"]
+                return event | {"time": stamp["seconds"] + stamp["microseconds"] / 1e6}
 
 
 @dataclass(frozen=True)
 class Contender:
-    about: str
-    serve: Callable[[ExitStack, Path, Path], Served]
+    about: str  # listed by `bench.py --help`
+    serve: Callable[[ExitStack, Path], Served]  # serve(stack, image)
     # measured while its image moves: mover(stack, served, dest, size)
     mover: Callable[[ExitStack, Served, Path, int], FusediskMove | QsdMirror] | None = None
 
 
 nbd = functools.partial(serve_qsd, nbd=True)
-floor_mirror = functools.partial(serve_floor, mirror=True)
-deadline = functools.partial(FusediskMove, options=("--dest-timeout", "1"))
 # Every contender of every subcommand, in one place.
 CONTENDERS = {
     "raw": Contender("the image file itself (fio and QEMU open it O_DIRECT)", serve_raw),
-    "floor": Contender("scripts/floor.py, bare pyfuse3 passthrough, syscalls inline", serve_floor),
-    "floor-mirror": Contender("floor.py --mirror: each write to a second file too", floor_mirror),
+    "floor": Contender("scripts/floor.py: bare pyfuse3 passthrough, syscalls inline", serve_floor),
+    "floor-mirror": Contender(
+        "floor.py --mirror: each write to a second file too (the floor during a move)",
+        functools.partial(serve_floor, mirror=True),
+    ),
     "fusedisk": Contender("`fusedisk mount` of the image", serve_fusedisk),
     "qsd": Contender("qemu-storage-daemon's writable FUSE export", serve_qsd),
     "qsd-nbd": Contender("qemu-storage-daemon's NBD export (unix socket)", nbd),
@@ -428,19 +405,38 @@ CONTENDERS = {
         "fusedisk, moved by `fusedisk migrate`", serve_fusedisk, FusediskMove
     ),
     "fusedisk-move-deadline": Contender(
-        "fusedisk-move with `--dest-timeout 1`: DEST through worker threads, 1 s deadline (the "
-        "default on network and FUSE filesystems; on local ones the default is inline)",
+        "fusedisk-move with --dest-timeout 1: a writer process, a worker thread and a 1 s "
+        "deadline (as on networks)",
         serve_fusedisk,
-        deadline,
+        functools.partial(FusediskMove, options=("--dest-timeout", "1")),
+    ),
+    "fusedisk-move-thread": Contender(
+        "fusedisk-move-deadline with its writes in a thread, as before (FUSEDISK_WRITER=thread)",
+        functools.partial(serve_fusedisk, env={"FUSEDISK_WRITER": "thread"}),
+        functools.partial(FusediskMove, options=("--dest-timeout", "1")),
     ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
     "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),
 }
 
 
-# ---- fio --------------------------------------------------------------------------------------
+def prepare(
+    stack: ExitStack, name: str, image: Path, size: int, dest: Path | None = None
+) -> tuple[Served, FusediskMove | QsdMirror | None]:
+    """A fresh image of ``size`` bytes served by contender ``name``, read once (cached, as for
+    every contender) with no dirty pages left; for a moving contender, its mover to ``dest``."""
+    make_image(scratch(stack, image), size)
+    served = CONTENDERS[name].serve(stack, image)
+    mover = CONTENDERS[name].mover
+    move = mover(stack, served, dest or image.with_suffix(".dest"), size) if mover else None
+    os.sync()
+    with open(image, "rb", buffering=0) as f:
+        while f.read(4 * MiB):
+            pass
+    return served, move
 
 
+# ---- fio
 @dataclass(frozen=True)
 class Job:
     name: str
@@ -449,20 +445,13 @@ class Job:
     iodepth: int
 
     @property
-    def direction(self) -> str:
-        return "read" if "read" in self.rw else "write"
-
-    @property
     def metric(self) -> str:  # what the job is judged on
         return "iops" if self.bs == "4k" else "mibs"
 
     def args(self, filename: str | Path) -> list[str]:
         return [
-            f"--name={self.name}",
-            f"--filename={filename}",
-            f"--rw={self.rw}",
-            f"--bs={self.bs}",
-            f"--iodepth={self.iodepth}",
+            *(f"--name={self.name}", f"--filename={filename}", f"--rw={self.rw}"),
+            *(f"--bs={self.bs}", f"--iodepth={self.iodepth}"),
         ]
 
 
@@ -488,26 +477,13 @@ def parse_fio(text: str) -> dict[str, Any]:
     return result
 
 
-def run_fio(args: Sequence[str], timeout: float) -> dict[str, Any]:
-    r = subprocess.run(
-        ["fio", "--output-format=json", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    if r.returncode:
-        raise RuntimeError(f"fio failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-    return parse_fio(r.stdout)
-
-
 def job_figures(out: dict[str, Any], jobs: Iterable[Job]) -> dict[str, Run]:
     """Per job: IOPS, MiB/s, p99 completion latency and fio's own CPU, from fio's JSON."""
     by_name = {j["jobname"]: j for j in out["jobs"]}
     figures = {}
     for job in jobs:
         j = by_name[job.name]
-        stats = j[job.direction]
+        stats = j["read" if "read" in job.rw else "write"]
         p99 = stats.get("clat_ns", {}).get("percentile", {}).get("99.000000", 0)
         figures[job.name] = {
             "iops": round(stats["iops"], 1),
@@ -518,9 +494,69 @@ def job_figures(out: dict[str, Any], jobs: Iterable[Job]) -> dict[str, Run]:
     return figures
 
 
-# ---- CPU --------------------------------------------------------------------------------------
+class Writer:
+    """fio writing 4 KiB at random, iodepth 16, through a file (libaio, O_DIRECT) or an NBD URI
+    (fio's nbd engine: libnbd, as asynchronous as libaio), logging each write's latency in Unix
+    time, so that its figures split exactly into windows (before, during, after a move)."""
+
+    MIN_WINDOW = 0.2  # s: a window shorter than this is too short to quote IOPS for
+
+    def __init__(
+        self, stack: ExitStack, served: Served, prefix: Path, options: Sequence[str] = ()
+    ) -> None:
+        if served.nbd:
+            target = ["--ioengine=nbd", f"--uri={served.nbd}"]
+        else:
+            target = [f"--filename={served.file}", "--ioengine=libaio", "--direct=1"]
+        command = ["fio", "--name=writer", *target, "--rw=randwrite", "--bs=4k", "--iodepth=16"]
+        command += ["--time_based=1", "--runtime=3600", "--randrepeat=0", "--output-format=json"]
+        command += [f"--write_lat_log={prefix}", "--log_unix_epoch=1", *options]
+        self.log = [scratch(stack, Path(f"{prefix}_{k}.1.log")) for k in ("lat", "clat", "slat")]
+        self.started = time.time()
+        self.proc = start(stack, command)
+        time.sleep(0.5)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"writer fio exited: {self.proc.communicate()[1][-2000:]}")
+
+    def stop(self, edges: dict[str, float]) -> dict[str, Any]:
+        """Stop fio; its figures in the windows that start at each edge, the last one ending
+        now."""
+        stop = time.time()
+        terminate(self.proc, signal.SIGINT, 30)
+        out, err = self.proc.communicate()
+        if "{" not in out or parse_fio(out)["jobs"][0]["error"]:
+            raise RuntimeError(f"writer fio failed: {err[-2000:]}")
+        with open(self.log[0], encoding="ascii") as f:  # completion time (ms), latency (ns)
+            self.writes = [
+                (int(t) / 1e3, int(ns) / 1e6) for t, ns, _ in (s.split(",", 2) for s in f)
+            ]
+        ends = [*list(edges.values())[1:], stop]
+        return {k: self.window(t0, t1) for (k, t0), t1 in zip(edges.items(), ends, strict=True)}
+
+    def window(self, start: float, end: float) -> dict[str, Any]:
+        """Writes completed in [start, end): IOPS, latency percentiles and worst, and the worst
+        IOPS over the window's whole seconds."""
+        span = end - start
+        lats = sorted(ms for t, ms in self.writes if start <= t < end)
+        per_second = [0] * int(span)
+        for t, _ in self.writes:
+            if 0 <= t - start < int(span):
+                per_second[int(t - start)] += 1
+
+        def pct(q: int) -> float | None:  # nearest rank
+            return round(lats[max(0, math.ceil(len(lats) * q / 100) - 1)], 3) if lats else None
+
+        return {
+            "seconds": round(span, 3),
+            "iops": round(len(lats) / span) if span >= self.MIN_WINDOW else None,
+            "p50_ms": pct(50),
+            "p99_ms": pct(99),
+            "max_ms": pct(100),
+            "min_1s_iops": min(per_second, default=None),
+        }
 
 
+# ---- CPU
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
     """User + system CPU a process (or one of its threads) has used so far."""
     path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
@@ -541,9 +577,7 @@ def busy(before: tuple[float, float], after: tuple[float, float]) -> float:
     return round(ratio(after[0] - before[0], after[1] - before[1]), 3)
 
 
-# ---- running and comparing --------------------------------------------------------------------
-
-
+# ---- running and comparing
 def interleave(
     reps: int, names: Sequence[str], run: Callable[[str], Run], describe: Callable[[Run], str]
 ) -> dict[str, list[Run]]:
@@ -558,30 +592,29 @@ def interleave(
     return runs
 
 
-def median(values: Iterable[float]) -> float:
-    """The median of the numbers among ``values`` (NaN stands for a figure not measured)."""
-    numbers = [v for v in values if not math.isnan(v)]
-    return statistics.median(numbers) if numbers else math.nan
+def values(runs: Iterable[Run], *path: str) -> list[float]:
+    """The number at ``path`` in each run's nested figures; NaN where there is none."""
+    found = []
+    for run in runs:
+        v: Any = run
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        found.append(float(v) if isinstance(v, int | float) else math.nan)
+    return found
+
+
+def median(numbers: Iterable[float]) -> float:
+    """The median of ``numbers`` but NaN (a figure not measured); NaN if there are none."""
+    measured = [v for v in numbers if not math.isnan(v)]
+    return statistics.median(measured) if measured else math.nan
+
+
+def med(runs: Iterable[Run], *path: str) -> float:
+    return median(values(runs, *path))
 
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
-
-
-def value(run: Run, path: Sequence[str]) -> float:
-    """The number at ``path`` in a run's nested figures; NaN where there is none."""
-    v: Any = run
-    for key in path:
-        v = v.get(key) if isinstance(v, dict) else None
-    return float(v) if isinstance(v, int | float) else math.nan
-
-
-def values(runs: Sequence[Run], *path: str) -> list[float]:
-    return [value(r, path) for r in runs]
-
-
-def med(runs: Sequence[Run], *path: str) -> float:
-    return median(values(runs, *path))
 
 
 def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
@@ -606,9 +639,7 @@ def verdict(x: float, target: float, at_most: bool = False) -> str:
     return "PASS" if (x <= target if at_most else x >= target) else "MISS"
 
 
-# ---- reports ----------------------------------------------------------------------------------
-
-
+# ---- reports
 @dataclass
 class Table:
     title: str
@@ -617,8 +648,7 @@ class Table:
 
     def add(self, *cells: str | float | None) -> None:
         """A row; numbers get two decimals, a flag yes/no, a missing figure '-'."""
-        yes_no = ("no", "yes")
-        self.rows.append([yes_no[c] if isinstance(c, bool) else fmt(c) for c in cells])
+        self.rows.append([("no", "yes")[c] if isinstance(c, bool) else fmt(c) for c in cells])
 
     def target(
         self, label: str, x: float | tuple[float, str], goal: float, at_most: bool = False
@@ -631,21 +661,6 @@ class Table:
         lines = [self.title, "", "| " + " | ".join(self.header) + " |"]
         lines.append("|" + "---|" * len(self.header))
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in self.rows]) + "\n"
-
-
-def report(
-    args: argparse.Namespace, notes: dict[str, Any], tables: list[Table], data: dict[str, Any]
-) -> None:
-    """Print the tables as markdown; with --json, write them and every figure there too."""
-    for table in tables:
-        print(table)
-    if args.json:
-        settings = {k: str(v) for k, v in vars(args).items() if k != "run"}
-        result: dict[str, Any] = {"command": " ".join(sys.argv), "machine": notes}
-        result["settings"] = settings
-        result["tables"] = [vars(t) for t in tables]
-        args.json.write_text(json.dumps(result | data, indent=2) + "\n")
-        log(f"wrote {args.json}")
 
 
 def idle_table(
@@ -673,12 +688,24 @@ def idle_table(
     return table
 
 
-def _first_line(command: list[str]) -> str:
+def report(args: argparse.Namespace, notes: dict[str, Any], result: Result) -> None:
+    """Print the tables as markdown; with --json, write them and every figure there too."""
+    tables, data = result
+    for table in tables:
+        print(table)
+    if args.json:
+        settings = {k: str(v) for k, v in vars(args).items() if k != "run"}
+        everything: dict[str, Any] = {"command": " ".join(sys.argv), "machine": notes}
+        everything |= {"settings": settings, "tables": [vars(t) for t in tables], **data}
+        args.json.write_text(json.dumps(everything, indent=2) + "\n")
+        log(f"wrote {args.json}")
+
+
+def _first_line(*command: str) -> str:
     try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
+        return (run(*command, timeout=10).strip().splitlines() or ["?"])[0]
+    except (OSError, RuntimeError, subprocess.TimeoutExpired):
         return "?"
-    return (out.strip().splitlines() or ["?"])[0]
 
 
 def machine_notes(workdir: Path) -> dict[str, Any]:
@@ -690,11 +717,11 @@ def machine_notes(workdir: Path) -> dict[str, Any]:
     digest = hashlib.sha256()
     for path in sorted((ROOT / "fusedisk").glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    git = ["git", "-C", str(ROOT)]
+    git = ("git", "-C", str(ROOT))
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "commit": _first_line([*git, "rev-parse", "--short", "HEAD"]),
-        "fusedisk_dirty": _first_line([*git, "status", "--porcelain", "--", "fusedisk"]) != "?",
+        "commit": _first_line(*git, "rev-parse", "--short", "HEAD"),
+        "fusedisk_dirty": _first_line(*git, "status", "--porcelain", "--", "fusedisk") != "?",
         "fusedisk_sha256": digest.hexdigest()[:16],
         "host": platform.node(),
         "kernel": platform.release(),
@@ -702,17 +729,15 @@ def machine_notes(workdir: Path) -> dict[str, Any]:
         "cpu_model": cpu,
         "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
         "loadavg_at_start": os.getloadavg(),
-        "workdir_fs": _first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(workdir)]),
+        "workdir_fs": _first_line("findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(workdir)),
         "python": platform.python_version(),
         "pyfuse3": pyfuse3.__version__,
-        "fio": _first_line(["fio", "--version"]),
-        "qemu_storage_daemon": _first_line(["qemu-storage-daemon", "--version"]),
+        "fio": _first_line("fio", "--version"),
+        "qemu_storage_daemon": _first_line("qemu-storage-daemon", "--version"),
     }
 
 
-# ---- py-spy -----------------------------------------------------------------------------------
-
-
+# ---- py-spy
 @contextlib.contextmanager
 def profiled(pid: int | None, raw: Path | None, native: bool) -> Iterator[dict[str, Any]]:
     """py-spy on ``pid`` while the body runs (with ``raw``, its output file), every thread
@@ -747,24 +772,34 @@ def profiled(pid: int | None, raw: Path | None, native: bool) -> Iterator[dict[s
         if frames[0].startswith("thread ("):
             thread = "main thread" if frames.pop(0).endswith(": MainThread") else thread
         if count.isdigit() and frames:
-            counts[thread][_short(frames[-1])] += int(count)
+            name, _, where = frames[-1].partition(" (")  # func (/long/path/pkg/mod.py:12)
+            short = f"{name} ({'/'.join(where.split('/')[-2:])}" if where else name
+            counts[thread][short] += int(count)
     for thread, c in counts.items():
         out[thread] = {"samples": c.total(), "self_top": c.most_common(15)}
 
 
-def _short(frame: str) -> str:
-    """``func (/long/path/pkg/mod.py:12)`` -> ``func (pkg/mod.py:12)``."""
-    name, _, where = frame.partition(" (")
-    return f"{name} ({'/'.join(where.split('/')[-2:])}" if where else name
-
-
 def profile_table(title: str, profile: dict[str, Any]) -> Table:
-    raw = profile["raw"]
     table = Table(
-        f"py-spy, {title}: self time (leaf frames); stacks in {raw}", ["thread", "share", "frame"]
+        f"py-spy, {title}: self time (leaf frames); stacks in {profile['raw']}",
+        ["thread", "share", "frame"],
     )
     for thread in ("main thread", "other threads"):
         total = max(1, profile[thread]["samples"])
         for frame, n in profile[thread]["self_top"][:12]:
             table.add(thread, f"{100 * n / total:.1f} %", frame)
     return table
+
+
+def contenders_option(p: argparse.ArgumentParser, allowed: Sequence[str], default: int) -> None:
+    """--contenders NAME,...: the first ``default`` of ``allowed`` unless given; checked."""
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = {name.partition("@")[0] for name in names} - set(allowed)
+        if unknown or len(set(names)) < len(names):
+            raise argparse.ArgumentTypeError(f"unknown {sorted(unknown)} or repeated names")
+        return names
+
+    help = f"any of {', '.join(allowed)} (default: %(default)s)"
+    p.add_argument("--contenders", type=parse, default=",".join(allowed[:default]), help=help)

@@ -493,6 +493,10 @@ def test_a_daemon_that_ends_in_an_error_keeps_its_log_and_says_so(host: Host, co
         [log] = logs_of(mnt)
         log_path = os.path.join(runtime_dir(), log)
         lossy.kill()
+        # The mount lives on: its directory and status answer, the status names the failure.
+        assert os.stat(mnt).st_uid == os.getuid()
+        status = json.loads(Path(mnt, ".status").read_text())
+        assert f"stat of {image} failed" in status["io_error"], status
         shown = fusedisk("status", mnt, timeout=TIMEOUT)  # the daemon lives on: not stale
         assert shown.returncode == 0, shown.stderr
         assert f"image:   {image} (size unknown: stat of {image} failed" in shown.stdout

@@ -355,3 +355,39 @@ def test_recovery_after_a_power_cut_at_the_switch_is_durable(tmp_path: Path, los
         check_blocks(m.file.read_bytes(), layout.original, writer.log, what)
     left = sorted(os.listdir(layout.tmp)) + sorted(os.listdir(layout.dest.parent))
     assert left == [layout.dest.name], f"{what}: left on the layer: {left}"
+
+
+def test_a_sigterm_during_the_final_flush_does_not_cut_it_short(
+    tmp_path: Path, lossy: Lossy
+) -> None:
+    """systemd sends SIGTERM right after a plain umount of a mount unit, while the daemon may
+    still be flushing the image: the flush completes, the daemon exits cleanly, the writes are
+    durable.  The image's filesystem is stopped meanwhile, so the flush is surely under way."""
+    layout = LossyLayout(tmp_path, lossy)
+    command = [sys.executable, "-m", "fusedisk", "mount", "--foreground"]
+    command += [str(layout.image), str(layout.mountpoint)]
+    with open(layout.daemon_log, "ab") as log_file:
+        daemon = subprocess.Popen(command, stdout=log_file, stderr=log_file, env=clean_env())
+    try:
+        wait_mounted(layout.mountpoint, daemon, layout.daemon_log)
+        written = pattern(1, 0)
+        fd = os.open(layout.mountpoint / layout.image.name, os.O_WRONLY)
+        try:
+            os.pwrite(fd, written, 0)  # never fsynced: only the final flush saves it
+        finally:
+            os.close(fd)
+        lossy.process.send_signal(signal.SIGSTOP)
+        try:
+            subprocess.run(["fusermount3", "-u", str(layout.mountpoint)], check=True)
+            time.sleep(0.5)  # the daemon is in its final fsync, which waits for the image
+            daemon.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert daemon.poll() is None, "a SIGTERM cut the final flush short"
+        finally:
+            lossy.process.send_signal(signal.SIGCONT)
+        assert daemon.wait(TIMEOUT) == 0, layout.daemon_log.read_text()
+    finally:
+        stop(daemon)
+        clear_mount(layout.mountpoint)
+    lossy.power_cut()
+    assert layout.image.read_bytes()[:BLOCK] == written
