@@ -253,6 +253,12 @@ MUTATIONS = [
         ),
     ),
     Mutation(
+        "discard-not-marked-synced",
+        "a discard marks nothing in sync (the copier copies its zeros: the destination fills)",
+        "fusedisk/engine.py",
+        (("                    self.syncmap.mark_written(offset, min(end, size))\n", ""),),
+    ),
+    Mutation(
         "refused-mode-reaches-destination",
         "a fallocate mode the source refuses was already applied to the destination",
         "fusedisk/engine.py",
