@@ -20,6 +20,10 @@ PAGE = 4096
 WRITEBACK_LAG = 8 << 20
 SYNC_FILE_RANGE_WRITE = 2
 SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+# fallocate(2) modes (linux/falloc.h; the os module names none of them).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -34,6 +38,21 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _load_sync_file_range()
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """fallocate(2) from the C library: os.posix_fallocate has no mode, and glibc's version of
+    it writes zeros itself where the filesystem refuses, which would hide a refusal."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_fallocate = _load_fallocate()
 
 
 class ImageFile(Protocol):
@@ -52,6 +71,11 @@ class ImageFile(Protocol):
     def truncate(self, size: int) -> None: ...
 
     def fsync(self, datasync: bool) -> None: ...
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with ``mode`` (0 or FALLOC_FL_* flags) on [offset, offset+length); an
+        OSError with the filesystem's errno (EOPNOTSUPP: a mode it does not support)."""
+        ...
 
     def next_data(self, offset: int) -> int:
         """First offset >= ``offset`` holding data (SEEK_DATA); the size if there is none."""
@@ -140,6 +164,14 @@ class PosixFile:
             os.fdatasync(self.fd)
         else:
             os.fsync(self.fd)
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        if _fallocate is None:
+            raise OSError(errno.EOPNOTSUPP, "no fallocate in the C library", self.path)
+        while _fallocate(self.fd, mode, offset, length) != 0:
+            code = ctypes.get_errno()
+            if code != errno.EINTR:  # retried, as the os module retries its own calls
+                raise OSError(code, os.strerror(code), self.path)
 
     def next_data(self, offset: int) -> int:
         try:

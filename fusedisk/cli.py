@@ -247,18 +247,32 @@ def _size(s: dict[str, Any]) -> str:
     return human(s["size"]) if s["size"] is not None else f"size unknown: {s['io_error']}"
 
 
+def _capabilities(names: list[str]) -> str:
+    """What the mount carries beyond reads and writes (README, "Thin disks")."""
+    from fusedisk.fs import CAPABILITIES
+
+    if not names:
+        return (
+            "no discard, no SEEK_DATA/SEEK_HOLE (a pyfuse3 without fallocate and lseek "
+            "handlers: scripts/setup builds one with them)"
+        )
+    return ", ".join(f"{name} ({CAPABILITIES.get(name, '?')})" for name in names)
+
+
 def _format_status(s: dict[str, Any], log: str | None = None) -> str:
     lines = [
         f"mount:   {s['mountpoint']}/{s['name']} (daemon pid {s['pid']})",
         f"image:   {s['image']} ({_size(s)})",
         f"phase:   {s['phase']}",
+        f"capabilities: {_capabilities(s.get('capabilities', []))}",
     ]
     if s["phase"] != "idle":
         lines += [
             f"move:    {s['source']} -> {s['destination']} ({s['step']})",
             f"pass:    {human(s['progress_bytes'])} of {human(s['total_bytes'])}; copied "
             f"{human(s['copied_bytes'])}, synced by writes {human(s['synced_by_writes_bytes'])}, "
-            f"holes {human(s['hole_bytes'])}, mirrored {human(s['mirrored_bytes'])}",
+            f"holes {human(s['hole_bytes'])}, mirrored {human(s['mirrored_bytes'])}, "
+            f"discarded {human(s.get('discarded_bytes', 0))}",
             f"rate:    {human(s['rate'])}/s (limit "
             f"{human(s['rate_limit']) + '/s' if s['rate_limit'] else 'none'})",
         ]

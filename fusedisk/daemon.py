@@ -28,7 +28,7 @@ from fusedisk.control import runtime_dir, serve_control
 from fusedisk.destination import DEST_TIMEOUT, bounded, bounded_sync
 from fusedisk.engine import Disk
 from fusedisk.errors import FusediskError, MoveRefused, UsageError
-from fusedisk.fs import DiskOperations, forget_file_attributes
+from fusedisk.fs import DiskOperations, capabilities, forget_file_attributes
 from fusedisk.storage import PosixStorage, journal_path, marker_path, read_journal, read_marker
 from fusedisk.units import human
 
@@ -168,6 +168,7 @@ class Daemon:
             name=self.config.name,
             control=self.control_path,
             requests=dict(self.requests),
+            capabilities=capabilities(),
         )
         return status
 

@@ -18,15 +18,17 @@ fast paths (``try_read``, ``try_write``) have no checkpoint after the gate and n
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from fusedisk.backend import ImageFile
+from fusedisk.backend import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ImageFile
 from fusedisk.destination import DEST_TIMEOUT, Call, Destination, FileCall, bounded
 from fusedisk.errors import MoveRefused
 from fusedisk.failpoints import crash_point
@@ -38,6 +40,11 @@ if TYPE_CHECKING:
     from fusedisk.move import Move
 
 log = logging.getLogger(__name__)
+
+# fallocate modes after which the range reads as zeros: on both files alike once mirrored.
+ZEROING = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+# A fallocate mode the serving file's filesystem does not support: the caller's error alone.
+REFUSED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 class Disk:
@@ -196,7 +203,7 @@ class Disk:
                     self._mirror_failed(f"recording a write's intent failed: {e.strerror or e}")
 
     def _apply_both(
-        self, operation: FileCall, what: str, where: int
+        self, operation: FileCall, what: str, where: int, refused: frozenset[int] = frozenset()
     ) -> tuple[Destination, Call[None]] | None:
         """While mirroring, submit ``operation`` to the destination (its thread runs it while
         this one writes the source); apply it to the source; return what to wait for.
@@ -204,14 +211,24 @@ class Disk:
         A source error is the guest's (raised) and fails the move back; a destination error or
         a missed deadline, found by :meth:`_wait_mirror`, fails the move back and is not the
         guest's: the source, which stays authoritative, has the change.  Synchronous, so the
-        order of submits is the order of the guest's operations."""
+        order of submits is the order of the guest's operations.
+
+        With ``refused`` (errnos by which the source's filesystem says it does not do this
+        operation, rather than fails), the source goes first and the destination gets the
+        operation only if the source did it: a refusal is the guest's error alone, and the
+        move goes on with both files unchanged."""
         mirror = self.mirror
-        call = mirror.submit(operation, f"{what} {where}") if mirror is not None else None
+        call = None
+        if mirror is not None and not refused:
+            call = mirror.submit(operation, f"{what} {where}")
         try:
             operation(self.primary)
         except OSError as e:
-            self._source_failed(f"{what} {where}", e)
+            if e.errno not in refused:
+                self._source_failed(f"{what} {where}", e)
             raise
+        if mirror is not None and call is None:
+            call = mirror.submit(operation, f"{what} {where}")
         return None if mirror is None or call is None else (mirror, call)
 
     async def _wait_mirror(self, mirror: Destination, call: Call[None]) -> None:
@@ -239,6 +256,57 @@ class Disk:
                 await self._wait_mirror(*mirrored)
         finally:
             self._leave()
+
+    async def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the serving file and, while mirroring, on the destination: discard
+        (PUNCH_HOLE|KEEP_SIZE), zero (ZERO_RANGE, with or without KEEP_SIZE) or preallocate
+        (0 or KEEP_SIZE) [offset, offset+length).
+
+        For the move it is a write (DESIGN.md): it waits for a range the copier holds (else the
+        copier could write the old bytes it read back over the discarded range), marks its
+        regions in the write-intent record, and is mirrored before it returns.  A discarded or
+        zeroed range reads as zeros on both files, so its whole pages are in sync and the
+        copier skips them; a preallocated one changes no byte, so it marks nothing.  A mode
+        the source's filesystem refuses (EOPNOTSUPP) is raised to the caller, and neither
+        file changes; a destination that fails it fails the move back."""
+        end = offset + length
+        await self._enter()
+        try:
+            await self._ready_to_mirror(offset, end)
+            # No checkpoint from here to the wait, as for a write.
+            old_size = self.primary.size() if self.mirror is not None else 0
+            operation = FileCall("fallocate", mode, offset, length)
+            mirrored = self._apply_both(operation, "fallocate at offset", offset, REFUSED)
+            if mirrored is not None:
+                assert self.syncmap is not None and self.move is not None
+                size = self.primary.size()
+                if size != old_size:
+                    self.syncmap.resize(size)
+                if mode & ZEROING and offset < size:
+                    self.syncmap.mark_written(offset, min(end, size))
+                    self.move.discarded_bytes += min(end, size) - offset
+                if self.intent is not None:
+                    self.intent.written(offset, end)
+                await self._wait_mirror(*mirrored)
+        finally:
+            self._leave()
+
+    async def seek(self, offset: int, whence: int) -> int:
+        """lseek(2) with SEEK_DATA or SEEK_HOLE, answered from the serving file (the source
+        during a move: it is authoritative).  ENXIO at or past the end, and for SEEK_DATA when
+        no data follows; the end counts as a hole."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the disk")
+        await self.wait_resumed()  # during a switch's hold, ask whichever file then serves
+        size = self.primary.size()
+        if offset >= size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        if whence == os.SEEK_HOLE:
+            return min(self.primary.next_hole(offset), size)
+        found = self.primary.next_data(offset)
+        if found >= size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        return found
 
     async def flush(self, datasync: bool = False) -> None:
         """Return once every acknowledged write is durable on the source and, while mirroring,

@@ -14,9 +14,12 @@ again on a read at offset 0), so every ``cat`` or ``jq`` reads it fresh, never a
 The daemon counts the requests it serves by operation (``requests`` in the status), so a test
 can prove the kernel sends nothing on the data path but the I/O itself.
 
-Caveats, from pyfuse3 3.5: it registers no fallocate or lseek handler, so discard/TRIM and
-SEEK_DATA/SEEK_HOLE through the mount are not carried (the file reads as all data); QEMU and
-qemu-img work regardless.  Creating, renaming or removing entries is refused with EPERM.
+Thin disks: ``fallocate`` (discard, write zeroes, preallocation) and ``lseek`` (SEEK_DATA,
+SEEK_HOLE) are served when pyfuse3 calls them, which the stock pyfuse3 3.5 does not (it
+registers neither handler: the kernel then refuses fallocate with EOPNOTSUPP and reads the file
+as all data); ``scripts/setup`` builds the one patched in ``pyfuse3-patch/``.  Which this mount
+has is :func:`capabilities`, in the status.  Creating, renaming or removing entries is refused
+with EPERM.
 """
 
 from __future__ import annotations
@@ -51,11 +54,30 @@ DISK_FH = pyfuse3.FileHandleT(0)
 ATTR_TIMEOUT = 365 * 86400.0
 
 
+# Handlers beyond what the stock pyfuse3 3.5 calls, each present only in a pyfuse3 that calls it
+# (its Operations class defines the default); what each carries, for the status.
+CAPABILITIES = {
+    "fallocate": "discard, write zeroes, preallocation",
+    "lseek": "SEEK_DATA/SEEK_HOLE",
+}
+# Answers, not failures: not logged as errors (qemu-img map meets ENXIO at every file's end;
+# QEMU probes ZERO_RANGE once per open where the backing filesystem has none).
+QUIET_ERRNOS = frozenset({errno.ENXIO, errno.EOPNOTSUPP})
+
+
+def capabilities() -> list[str]:
+    """The handlers of CAPABILITIES that this pyfuse3 calls."""
+    return [name for name in CAPABILITIES if hasattr(pyfuse3.Operations, name)]
+
+
 def fuse_error(e: BaseException, what: str, phase: str, offset: int | None = None) -> NoReturn:
     """The error boundary: OSError keeps its errno, anything else is a bug reported as EIO."""
     if isinstance(e, pyfuse3.FUSEError):
         raise e
     where = f" at offset {offset}" if offset is not None else ""
+    if isinstance(e, OSError) and e.errno in QUIET_ERRNOS:
+        log.debug("%s%s: %s", what, where, e)
+        raise pyfuse3.FUSEError(e.errno) from e
     if isinstance(e, OSError):
         log.error("%s%s failed during phase %s: %s", what, where, phase, e)
         raise pyfuse3.FUSEError(e.errno or errno.EIO) from e
@@ -266,6 +288,25 @@ class DiskOperations(pyfuse3.Operations):
             return
         with self._errors("fsync"):
             await self.disk.flush(datasync)
+
+    async def fallocate(self, fh: pyfuse3.FileHandleT, mode: int, offset: int, length: int) -> None:
+        # Called only by a pyfuse3 with the handler (pyfuse3-patch/): discard, write zeroes.
+        self.requests["fallocate"] += 1
+        if fh:
+            raise pyfuse3.FUSEError(errno.EBADF)  # the status file is opened read-only
+        with self._errors("fallocate", offset):
+            await self.disk.fallocate(mode, offset, length)
+
+    async def lseek(self, fh: pyfuse3.FileHandleT, offset: int, whence: int) -> int:
+        # As fallocate: the kernel sends SEEK_DATA and SEEK_HOLE only.
+        self.requests["lseek"] += 1
+        if fh:  # the status file is all data
+            size = len(self._status_files.get(fh, b""))
+            if offset >= size:
+                raise pyfuse3.FUSEError(errno.ENXIO)
+            return offset if whence == os.SEEK_DATA else size
+        with self._errors("lseek", offset):
+            return await self.disk.seek(offset, whence)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         self.requests["flush"] += 1  # close() is not a durability point; fsync is

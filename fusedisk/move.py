@@ -88,6 +88,7 @@ class Move:
         self.cursor = 0  # the pass has dealt with every byte below this offset
         self.copied_bytes = 0
         self.mirrored_bytes = 0
+        self.discarded_bytes = 0  # punched or zeroed by the guest on both files
         self.synced_by_writes_bytes = 0
         self.hole_bytes = 0
         self.verified_bytes = 0
@@ -188,6 +189,7 @@ class Move:
             "total_bytes": total,
             "copied_bytes": self.copied_bytes,
             "mirrored_bytes": self.mirrored_bytes,
+            "discarded_bytes": self.discarded_bytes,
             "synced_by_writes_bytes": self.synced_by_writes_bytes,
             "hole_bytes": self.hole_bytes,
             "verified_bytes": self.verified_bytes,

@@ -202,6 +202,47 @@ def peak_rss_kib(pid: int | None) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
+def convert_options(p: argparse.ArgumentParser) -> None:
+    bl.contenders_option(p, ("raw", "fusedisk", "qsd"), 3)
+    p.add_argument("--data", type=int, default=512, help="MiB of data (%(default)s)")
+
+
+def convert(args: argparse.Namespace) -> Result:
+    """qemu-img convert of a sparse image from each contender (SEEK_DATA/SEEK_HOLE).
+
+    `qemu-img convert -O raw` of a sparse raw image (--size MiB holding --data MiB in 16 MiB
+    extents spread evenly, one image per contender) from each contender's file to a new file
+    beside it: seconds per conversion. Only where SEEK_DATA/SEEK_HOLE pass through does it read
+    the data alone; elsewhere it reads the whole virtual size."""
+    with ExitStack() as stack:
+        files = {}
+        for i, name in enumerate(args.contenders):
+            image = bl.scratch(stack, args.dir / f"c{i}-{name}.img")
+            make_sparse(image, args.size * MiB, args.data * MiB)  # its data stays cached
+            files[name] = CONTENDERS[name].serve(stack, image).file
+        out = bl.scratch(stack, args.dir / "converted.img")
+
+        def one(name: str) -> Run:
+            bl.remove(out)
+            os.sync()  # no dirty pages from the run before
+            started = time.monotonic()
+            bl.run("qemu-img", "convert", "-f", "raw", "-O", "raw", files[name], out, timeout=3600)
+            return {"seconds": time.monotonic() - started, "allocated": out.stat().st_blocks * 512}
+
+        runs = bl.interleave(args.reps, args.contenders, one, lambda r: f"{r['seconds']:.2f} s")
+    table = Table(
+        f"qemu-img convert -O raw of a {args.size} MiB raw image holding {args.data} MiB of data "
+        f"(16 MiB extents), seconds, medians of {args.reps} (per-repetition ratios in brackets)",
+        ["contender", "seconds", "/ raw", "output allocated (MiB)", "fusedisk <= 1.5 x raw"],
+    )
+    raw = bl.values(runs["raw"], "seconds") if "raw" in runs else []
+    for name, r in runs.items():
+        against = bl.compare(bl.values(r, "seconds"), raw)
+        goal = bl.verdict(against[0], 1.5, at_most=True) if name == "fusedisk" else ""
+        table.add(name, bl.med(r, "seconds"), against[1], bl.med(r, "allocated") / MiB, goal)
+    return [table], {"runs": runs}
+
+
 Options = Callable[[argparse.ArgumentParser], None]
 # Every subcommand: its options, and what runs it (whose docstring is its --help).
 SUBCOMMANDS: dict[str, tuple[Options, Callable[[argparse.Namespace], Result]]] = {
@@ -209,6 +250,7 @@ SUBCOMMANDS: dict[str, tuple[Options, Callable[[argparse.Namespace], Result]]] =
     "move": (bench_move.options, bench_move.run),
     "guest": (bench_guest.options, bench_guest.run),
     "memory": (memory_options, memory),
+    "convert": (convert_options, convert),
 }
 
 

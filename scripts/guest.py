@@ -273,8 +273,9 @@ class GuestRun:
         self._t_start = self._t_end = 0.0
         self.deadline = self._t0 + timeout
         self._log: IO[str] | None = console_log.open("w") if console_log else None
+        # stdin is the guest's console input: a script's step() waits there (resume()).
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -303,6 +304,23 @@ class GuestRun:
             if self.proc.poll() is not None or time.monotonic() >= limit:
                 return self.started.is_set()
         return True
+
+    def wait_step(self, name: str, timeout: float) -> None:
+        """Block until the guest's script reaches ``step NAME`` (it then waits for resume());
+        GuestError if QEMU exits or the timeout passes first."""
+        line = f"FUSEDISK-STEP-{self._nonce} {name}"
+        limit = time.monotonic() + timeout
+        while not any(ln.endswith(line) for ln in self._lines):
+            if self._done.is_set() or time.monotonic() >= limit:
+                tail = " | ".join(_plain(ln) for ln in self._lines[-5:] if _plain(ln))
+                raise GuestError(f"the guest never reached step {name!r}; console tail: {tail}")
+            time.sleep(0.05)
+
+    def resume(self) -> None:
+        """Let the guest's script go on from the step it waits at."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -395,6 +413,8 @@ def start_fio(
     guest: GuestImage | None = None,
     qemu_args: list[str] | None = None,
     iops_log: bool = False,
+    script: str | None = None,
+    drive_options: str = "",
 ) -> GuestRun:
     """Boot a guest running `fio FIO_ARGS [JOB_FILE]` against its /dev/vda (= disk).
 
@@ -404,6 +424,12 @@ def start_fio(
     Returns at once; the caller may act on the disk's host side meanwhile.
     Trap: with --time_based, fio never reaches its verify phase (the writes use
     all the runtime); add --verify_backlog=N or bound the job by --size instead.
+
+    script: a shell script to run in the guest instead (fio_args are then unused); it
+    runs fio itself as $FIO (with the forced options), leaves the JSON of the run to report
+    in /tmp/fio.json, and may call `step NAME` to print a marker and wait until the host
+    sees it (GuestRun.wait_step) and lets it go on (GuestRun.resume).  drive_options are
+    added to -drive (e.g. "discard=unmap").
     """
     if fmt not in FORMATS or accel not in ACCELS:
         raise ValueError(f"format must be one of {FORMATS}, accel one of {ACCELS}")
@@ -421,15 +447,21 @@ def start_fio(
         shutil.copyfile(job_file, jobdir / "job/job.fio")
         args.append("/job/job.fio")
     (jobdir / "job/nonce").write_text(nonce + "\n")
-    script = f"exec /usr/bin/fio {shlex.join(args)}\n"
+    run_script = f"exec /usr/bin/fio {shlex.join(args)}\n"
     if iops_log:
         # One IOPS sample a second, printed on the console (tagged) once fio is done.
         args += ["--write_iops_log=/tmp/fusedisk", "--log_avg_msec=1000"]
-        script = (
+        run_script = (
             f"/usr/bin/fio {shlex.join(args)}\nrc=$?\n"
             f"for f in /tmp/fusedisk_iops*.log; do "
             f'sed "s/^/FUSEDISK-IOPS-{nonce} /" "$f"; done\nexit $rc\n'
         )
+    if script is not None:
+        steps = f'step() {{ echo "FUSEDISK-STEP-{nonce} $1"; read -r _; }}\n'
+        forced = shlex.join(["/usr/bin/fio", *FIO_FORCED])
+        script = f"set -e\nFIO={shlex.quote(forced)}\n{steps}{script}"
+    else:
+        script = run_script
     (jobdir / "job/run.sh").write_text(script)
     # QEMU takes one initrd on x86, but the kernel unpacks concatenated
     # archives; gzip'ing the job one spares any alignment worry after the base.
@@ -453,7 +485,8 @@ def start_fio(
         "-kernel", str(guest.kernel),
         "-initrd", str(initrd),
         "-append", "console=ttyS0 quiet panic=-1",
-        "-drive", f"file={drive},format={fmt},if=virtio,cache=none,aio=threads",
+        "-drive", f"file={drive},format={fmt},if=virtio,cache=none,aio=threads"
+        + (f",{drive_options}" if drive_options else ""),
         *(qemu_args or []),
     ]  # fmt: skip
     return GuestRun(cmd, work, nonce, timeout, console_log)

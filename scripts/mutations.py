@@ -223,6 +223,47 @@ MUTATIONS = [
             ),
         ),
     ),
+    Mutation(
+        "discard-without-range-lock",
+        "a discard does not wait for the range the copier holds (nor for its intent mark)",
+        "fusedisk/engine.py",
+        (("            await self._ready_to_mirror(offset, end)\n", ""),),
+    ),
+    Mutation(
+        "discard-not-mirrored",
+        "a discard (fallocate) is applied to the source only, never sent to the destination",
+        "fusedisk/engine.py",
+        (
+            (
+                '            operation = FileCall("fallocate", mode, offset, length)\n',
+                "            self.primary.fallocate(mode, offset, length)\n"
+                '            operation = FileCall("size")\n',
+            ),
+        ),
+    ),
+    Mutation(
+        "preallocation-marked-synced",
+        "a preallocation (no byte changed) marks its range in sync, as a discard does",
+        "fusedisk/engine.py",
+        (
+            (
+                "                if mode & ZEROING and offset < size:",
+                "                if offset < size:",
+            ),
+        ),
+    ),
+    Mutation(
+        "discard-not-marked-synced",
+        "a discard marks nothing in sync (the copier copies its zeros: the destination fills)",
+        "fusedisk/engine.py",
+        (("                    self.syncmap.mark_written(offset, min(end, size))\n", ""),),
+    ),
+    Mutation(
+        "refused-mode-reaches-destination",
+        "a fallocate mode the source refuses was already applied to the destination",
+        "fusedisk/engine.py",
+        (('"fallocate at offset", offset, REFUSED)', '"fallocate at offset", offset)'),),
+    ),
 ]
 
 

@@ -8,7 +8,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from fusedisk.backend import PAGE, ImageFile
+from fusedisk.backend import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    PAGE,
+    ImageFile,
+)
 
 Fault = Callable[[int, int], None]  # (offset, length) -> None, or raise OSError
 
@@ -29,6 +35,7 @@ class MemoryFile:
         self.on_read: Fault | None = None
         self.on_fsync: Callable[[], None] | None = None
         self.on_truncate: Callable[[int], None] | None = None
+        self.on_fallocate: Callable[[int, int, int], None] | None = None  # (mode, offset, length)
         self.on_copy_read: Fault | None = None  # after reading the source, before writing dest
         self.on_close: Callable[[], None] | None = None
 
@@ -80,6 +87,35 @@ class MemoryFile:
         if self.on_fsync:
             self.on_fsync()
         self.fsyncs += 1
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """As Linux does on a local filesystem: a hole punched only with KEEP_SIZE, whole pages
+        deallocated and partial ones zeroed; zeroing and preallocation allocate."""
+        self._check()
+        if self.on_fallocate:
+            self.on_fallocate(mode, offset, length)
+        punch, zero = mode & FALLOC_FL_PUNCH_HOLE, mode & FALLOC_FL_ZERO_RANGE
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) or (
+            punch and (zero or not mode & FALLOC_FL_KEEP_SIZE)
+        ):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), self.path)
+        end = offset + length
+        if not mode & FALLOC_FL_KEEP_SIZE and end > len(self.data):
+            self._resize(end)
+        end = min(end, len(self.data))
+        if offset >= end:
+            return
+        if punch or zero:
+            self.data[offset:end] = bytes(end - offset)
+        if punch:
+            first, last = (
+                -(-offset // PAGE),
+                end // PAGE if end < len(self.data) else -(-end // PAGE),
+            )
+            self.allocated[first:last] = bytes(max(0, last - first))
+        else:
+            first, last = offset // PAGE, -(-end // PAGE)
+            self.allocated[first:last] = b"\x01" * (last - first)
 
     def next_data(self, offset: int) -> int:
         page = self.allocated.find(1, offset // PAGE)

@@ -82,10 +82,15 @@ def unmount(mountpoint: Path) -> None:
 
 @contextmanager
 def mounted(
-    image: Path, mountpoint: Path, *extra: str, name: str | None = None, exit_code: int = 0
+    image: Path,
+    mountpoint: Path,
+    *extra: str,
+    name: str | None = None,
+    exit_code: int = 0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Mounted]:
-    """Serve ``image`` at ``mountpoint`` with a foreground daemon; always unmount after, and
-    check the daemon exits with ``exit_code``."""
+    """Serve ``image`` at ``mountpoint`` with a foreground daemon (in environment ``env``, or
+    this one); always unmount after, and check the daemon exits with ``exit_code``."""
     mountpoint.mkdir(exist_ok=True)
     log = mountpoint.parent / f"{mountpoint.name}-daemon.log"
     command = [sys.executable, "-m", "fusedisk", "mount", "--foreground", str(image)]
@@ -93,7 +98,7 @@ def mounted(
     if name:
         command += ["--name", name]
     with open(log, "ab") as log_file:
-        daemon = subprocess.Popen(command, stdout=log_file, stderr=log_file)
+        daemon = subprocess.Popen(command, stdout=log_file, stderr=log_file, env=env)
     wait_mounted(mountpoint, daemon, log)
     try:
         yield Mounted(image, mountpoint, name or image.name, daemon, log)
