@@ -23,12 +23,18 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from fusedisk.backend import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, ImageFile
+from fusedisk.backend import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    ImageFile,
+)
 from fusedisk.destination import DEST_TIMEOUT, Call, Destination, FileCall, bounded
 from fusedisk.errors import MoveRefused
 from fusedisk.failpoints import crash_point
@@ -445,6 +451,17 @@ class Disk:
         intent = Intent(self.storage, base, region, cursor=cursor, marks=marks)
         intent.dest_id = dest_id
         trusted = trusted_runs(self.primary.size(), cursor, region, marks)
+        try:
+            await bounded(
+                dest_timeout,
+                f"clearing {dest} where it may be out of sync",
+                dest,
+                partial(_clear_untrusted, dest_file, trusted, self.primary.size()),
+            )
+        except BaseException:
+            with suppress(OSError):
+                dest_file.close()
+            raise
         return self._mirror_to(move, dest_file, intent, trusted)
 
     def _mirror_to(
@@ -499,6 +516,20 @@ class Disk:
         else:
             status.update(self.move.status(total=size or 0))
         return status
+
+
+def _clear_untrusted(file: ImageFile, trusted: list[tuple[int, int]], size: int) -> None:
+    """Punch holes in the destination wherever a resumed move does not trust it.  The copier
+    copies the source's data and skips its holes, so there the destination must be a hole too:
+    a write (or discard) a crash let reach the destination alone, in what is a hole on the
+    source, would otherwise read zeros after the remount and its bytes after the switch.  A
+    destination that cannot punch holes raises (EOPNOTSUPP): the move is rolled back instead."""
+    end, start = min(size, file.size()), 0
+    for trusted_start, trusted_end in [*trusted, (end, end)]:
+        if start < min(trusted_start, end):
+            length = min(trusted_start, end) - start
+            file.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length)
+        start = max(start, trusted_end)
 
 
 def _identified(file: ImageFile) -> tuple[ImageFile, list[int]]:

@@ -69,6 +69,29 @@ async def test_resume_copies_what_the_record_does_not_trust_and_nothing_else() -
     assert disk.primary is dst and dst.data == src.data
 
 
+async def test_what_reached_only_the_destination_in_a_source_hole_does_not_survive() -> None:
+    """A crash between a write's two halves can leave it on the destination alone (its half is
+    submitted first), in what is a hole on the source: ahead of the cursor and in a marked
+    region.  The copier copies only the source's data, so the resumed move must clear the
+    destination where it does not trust it, or the block would read zeros after the remount
+    and the write after the switch."""
+    src = MemoryFile("/src", bytes(8 * MiB), sparse=True)
+    src.pwrite(b"d" * MiB, 0)  # data in region 0 only; the rest is a hole
+    dst = MemoryFile("/dst", bytes(8 * MiB), sparse=True)
+    dst.pwrite(b"d" * MiB, 0)
+    dst.pwrite(b"only on the destination", 2 * MiB + 10)  # marked region 2, below the cursor
+    dst.pwrite(b"only on the destination", 6 * MiB + 10)  # past the cursor
+    storage = MemoryStorage(src, dst)
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.resume_move(checkpoint_record(4 * MiB, [2]), dest_timeout=0)
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE, move.error
+    assert disk.primary is dst and dst.data == src.data
+    assert not dst.allocated[2 * MiB // 4096] and not dst.allocated[6 * MiB // 4096], "not thin"
+
+
 async def test_a_write_below_the_checkpoint_waits_for_its_mark() -> None:
     """Below the recorded cursor, a write to an unmarked region reaches neither file before a
     record marking its region is durable; a second write there needs no new record."""
