@@ -28,22 +28,17 @@ import contextlib
 import enum
 import errno
 import logging
-import marshal
-import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from functools import partial
-from typing import Generic, TypeVar, cast
+from typing import Generic, TypeVar
 
 import outcome
 import trio
 
-from fusedisk.backend import ImageFile, PosixFile
-from fusedisk.writer import WriterProcess
-from fusedisk.writer_main import BARRIER, CALL, HEADER, WRITE
+from fusedisk.backend import ImageFile
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +47,6 @@ Operation = Callable[[ImageFile], T]
 
 # How long a guest operation may wait for the destination (``fusedisk migrate --dest-timeout``).
 DEST_TIMEOUT = 1.0
-# Where a deadline's mirrored writes run: "process" (fusedisk.writer), or "thread" (the way it
-# was, kept to measure what the process gains: docs/benchmarks.md).
-WRITER = os.environ.get("FUSEDISK_WRITER", "process")
 # A worker reports finished calls in batches, but never holds one back longer than this.
 REPORT_AFTER = 0.001
 
@@ -76,23 +68,6 @@ class FileCall:
 
     def __call__(self, file: ImageFile) -> None:
         getattr(file, self.method)(*self.args)
-
-
-def _nothing(file: ImageFile) -> None:
-    """A barrier: done once everything submitted before it to its lane is."""
-
-
-def _frame(operation: Operation[object]) -> list[bytes]:
-    """How a mirrored operation travels to the writer process (fusedisk.writer_main)."""
-    if operation is _nothing:
-        return [HEADER.pack(0, BARRIER, 0)]
-    assert isinstance(operation, FileCall), "only FileCalls can cross to another process"
-    if operation.method == "pwrite":
-        data, offset = operation.args
-        assert isinstance(data, bytes) and isinstance(offset, int)
-        return [HEADER.pack(len(data), WRITE, offset), data]
-    payload = marshal.dumps((operation.method, cast(tuple[int, ...], operation.args)))
-    return [HEADER.pack(len(payload), CALL, 0), payload]
 
 
 class Call(Generic[T]):
@@ -131,14 +106,9 @@ class Destination:
         self._closed = False
         self._keep_open = False  # released: the file serves the disk now
         self._ended = trio.Event()  # given up or released: the watchdog's work is done
-        self._writer: WriterProcess | None = None  # the writes lane, when in a process
         if deadline > 0:
             self._token = trio.lowlevel.current_trio_token()
-            lanes = list(Lane)
-            if isinstance(file, PosixFile) and WRITER == "process":
-                self._writer = WriterProcess(file, partial(self._complete, Lane.WRITES))
-                lanes.remove(Lane.WRITES)
-            for lane in lanes:
+            for lane in Lane:
                 work: queue.SimpleQueue[Call[object] | None] = queue.SimpleQueue()
                 self._queues[lane] = work
                 # Daemon threads: one stuck in the kernel must not keep the process alive.
@@ -168,10 +138,6 @@ class Destination:
             call.result = outcome.Error(self._gone(what))
         elif not self._queues:
             call.result = outcome.capture(operation, self.file)
-        elif lane is Lane.WRITES and self._writer is not None:
-            call.submitted = time.monotonic()
-            self._pending[lane].append(call)  # type: ignore[arg-type]
-            self._writer.put(call, _frame(operation))  # type: ignore[arg-type]
         else:
             call.submitted = time.monotonic()
             self._pending[lane].append(call)  # type: ignore[arg-type]
@@ -199,19 +165,6 @@ class Destination:
         tell ``overdue`` why.  Checks every eighth of the deadline."""
         if not self._queues:
             return
-        async with trio.open_nursery() as nursery:
-            if self._writer is not None:
-                nursery.start_soon(self._serve_writer, self._writer, overdue)
-            await self._watch(overdue)
-            nursery.cancel_scope.cancel()
-
-    async def _serve_writer(self, writer: WriterProcess, overdue: Callable[[str], None]) -> None:
-        try:
-            await writer.serve()
-        except OSError as e:  # it died (killed by someone, out of memory...): give up
-            self._give_up(overdue, e)
-
-    async def _watch(self, overdue: Callable[[str], None]) -> None:
         while not self.abandoned:
             with trio.move_on_after(self.deadline / 8):
                 await self._ended.wait()
@@ -224,17 +177,12 @@ class Destination:
                     stuck = current if current is not None and current.result is None else calls[0]
                     late = DestinationTimeout(self.path, stuck.what, self.deadline)
                     self._answer(stuck, outcome.Error(late))
-                    self._give_up(overdue, late)
+                    try:
+                        overdue(str(late.strerror))
+                    except Exception:  # never into the daemon's nursery: it serves the disk
+                        log.exception("reporting a late destination failed")
+                    self.abandon()
                     return
-
-    def _give_up(self, overdue: Callable[[str], None], error: OSError) -> None:
-        if self.abandoned:
-            return
-        try:
-            overdue(str(error.strerror))
-        except Exception:  # never into the daemon's nursery: it serves the disk
-            log.exception("reporting a failed destination failed")
-        self.abandon()
 
     async def run(self, operation: Operation[T], what: str, lane: Lane = Lane.BULK) -> T:
         """A bulk operation (a chunk, a flush): in a worker with the deadline, or with no
@@ -253,7 +201,7 @@ class Destination:
         """Return once every write submitted so far has landed (a barrier in their lane; with
         no threads every write landed when it was submitted)."""
         if self._queues:
-            await self.run(_nothing, "earlier mirrored writes", Lane.WRITES)
+            await self.run(lambda f: None, "earlier mirrored writes", Lane.WRITES)
 
     def abandon(self) -> None:
         """Give the destination up: answer every waiter now, run nothing more, and close the
@@ -265,7 +213,7 @@ class Destination:
             for call in calls:
                 self._answer(call, outcome.Error(self._gone(call.what)))
             calls.clear()
-        self._stop_workers(kill=True)
+        self._stop_workers()
         if not self._queues and not self._busy:
             self._close_once()
 
@@ -275,15 +223,13 @@ class Destination:
         assert not any(self._pending.values()), "release only when nothing is in flight"
         self._keep_open = True
         self.abandoned = True  # nothing more goes through the workers
-        self._stop_workers(kill=False)
+        self._stop_workers()
         for thread in self._threads:
             thread.join(timeout=self.deadline)  # idle: they return at once
         return self.file
 
-    def _stop_workers(self, kill: bool) -> None:
+    def _stop_workers(self) -> None:
         self._ended.set()
-        if self._writer is not None:
-            self._writer.stop(kill)
         for work in self._queues.values():
             work.put(None)
 

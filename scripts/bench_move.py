@@ -17,20 +17,12 @@ from fusedisk.units import parse_size
 
 SCENARIOS = {
     "idle": ("cp", "fusedisk-move", "fusedisk-move-deadline", "qsd-move"),
-    "load": (
-        "fusedisk-move",
-        "fusedisk-move-deadline",
-        "fusedisk-move-thread",
-        "qsd-move",
-        "floor",
-        "floor-mirror",
-    ),
+    "load": ("fusedisk-move", "fusedisk-move-deadline", "qsd-move", "floor", "floor-mirror"),
     "split": ("fusedisk-move",),
 }
 LABELS = {  # table columns
     "fusedisk-move": "fusedisk",
     "fusedisk-move-deadline": "fusedisk with deadline (--dest-timeout 1)",
-    "fusedisk-move-thread": "deadline, writes in a thread (before)",
     "qsd-move": "qsd mirror (NBD export)",
     "floor": "floor",
     "floor-mirror": "floor-mirror",
@@ -54,11 +46,9 @@ def run(args: argparse.Namespace) -> Result:
     Each contender on a fresh non-sparse image; each repetition runs every scenario's in turn:
       idle   cp (then fdatasync, then rm and a directory fsync, each timed); fusedisk-move
              (`fusedisk migrate`: to a local filesystem, the destination written inline);
-             fusedisk-move-deadline (--dest-timeout 1: a writer process, a worker thread and a
-             deadline, the default on network filesystems); qsd-move (blockdev-mirror, then
-             job-complete)
-      load   the same moves (and fusedisk-move-thread: the deadline's writes in a thread, as
-             before the writer process) while fio writes 4 KiB at random, QD16; and
+             fusedisk-move-deadline (--dest-timeout 1: worker threads and a deadline, the
+             default on network filesystems); qsd-move (blockdev-mirror, then job-complete)
+      load   the same moves while fio writes 4 KiB at random, QD16, through the contender; and
              floor and floor-mirror under the same writer with no move: the floors it is judged
              against (their "during" window is --before s long)
       split  fusedisk-move under the writer: --before s mirroring with the copier held to
@@ -220,13 +210,7 @@ def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
     for window in ("before", "during", "after"):
         row(f"writer IOPS {window}", "writer", window, "iops", digits=0)
     t.add("IOPS during / before", *(bl.compare(iops(n), iops(n, "before"))[1] for n in cols))
-    for peer in (
-        "floor",
-        "floor-mirror",
-        "qsd-move",
-        "fusedisk-move-deadline",
-        "fusedisk-move-thread",
-    ):
+    for peer in ("floor", "floor-mirror", "qsd-move", "fusedisk-move-deadline"):
         t.add(f"IOPS during / {peer}'s", *(bl.compare(iops(n), iops(peer))[1] for n in cols))
     row("worst 1 s IOPS during", "writer", "during", "min_1s_iops", digits=0)
     for window in ("before", "during", "after"):

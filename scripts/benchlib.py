@@ -187,25 +187,20 @@ class Served:
     nbd: str | None = None  # qemu-storage-daemon's NBD URI (``file`` is then its socket)
 
 
-def run(*command: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
-    """``command``'s stdout, or RuntimeError with the end of its stderr; ``env`` added to ours."""
+def run(*command: str | Path, timeout: float = 600) -> str:
+    """``command``'s stdout, or RuntimeError with the end of its stderr."""
     argv = list(map(str, command))
     r = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env=None if env is None else os.environ | env,
+        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
     if r.returncode:
         raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()[-2000:]}")
     return r.stdout
 
 
-def fusedisk(*args: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
+def fusedisk(*args: str | Path, timeout: float = 600) -> str:
     """Run the venv's fusedisk CLI (``sys.executable -m fusedisk``)."""
-    return run(sys.executable, "-m", "fusedisk", *args, timeout=timeout, env=env)
+    return run(sys.executable, "-m", "fusedisk", *args, timeout=timeout)
 
 
 def _mountpoint(stack: ExitStack, image: Path) -> Path:
@@ -224,7 +219,7 @@ def serve_raw(stack: ExitStack, image: Path) -> Served:
     return Served(image)
 
 
-def serve_fusedisk(stack: ExitStack, image: Path, env: dict[str, str] | None = None) -> Served:
+def serve_fusedisk(stack: ExitStack, image: Path) -> Served:
     mnt = _mountpoint(stack, image)
     served = Served(mnt / "disk")
 
@@ -240,7 +235,7 @@ def serve_fusedisk(stack: ExitStack, image: Path, env: dict[str, str] | None = N
                     os.kill(served.pid, signal.SIGKILL)
 
     on_exit(stack, f"unmount {mnt}", stop)  # before mounting: a half-made mount is undone too
-    fusedisk("mount", image, mnt, "--name", "disk", env=env)  # the daemon keeps ``env``
+    fusedisk("mount", image, mnt, "--name", "disk")
     served.pid = int(json.loads(fusedisk("status", mnt, "--json"))["pid"])
     return served
 
@@ -405,14 +400,8 @@ CONTENDERS = {
         "fusedisk, moved by `fusedisk migrate`", serve_fusedisk, FusediskMove
     ),
     "fusedisk-move-deadline": Contender(
-        "fusedisk-move with --dest-timeout 1: a writer process, a worker thread and a 1 s "
-        "deadline (as on networks)",
+        "fusedisk-move with --dest-timeout 1: worker threads and a 1 s deadline (as on networks)",
         serve_fusedisk,
-        functools.partial(FusediskMove, options=("--dest-timeout", "1")),
-    ),
-    "fusedisk-move-thread": Contender(
-        "fusedisk-move-deadline with its writes in a thread, as before (FUSEDISK_WRITER=thread)",
-        functools.partial(serve_fusedisk, env={"FUSEDISK_WRITER": "thread"}),
         functools.partial(FusediskMove, options=("--dest-timeout", "1")),
     ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),

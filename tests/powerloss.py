@@ -29,7 +29,6 @@ import pytest
 
 import fusedisk.backend
 import fusedisk.daemon
-import fusedisk.destination
 import fusedisk.storage
 
 # ---- the log ------------------------------------------------------------------------------
@@ -305,9 +304,6 @@ def recording(monkeypatch: pytest.MonkeyPatch, roots: list[str]) -> Iterator[Rec
     with monkeypatch.context() as patch:
         for module in MODULES:
             patch.setattr(module, "os", recorder)
-        # A deadline's writes in a thread, not in the writer process this recorder cannot see:
-        # the same calls on the same open file, in the same order (fusedisk.writer).
-        patch.setattr(fusedisk.destination, "WRITER", "thread")
         yield recorder
 
 
