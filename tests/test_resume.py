@@ -23,7 +23,7 @@ from fusedisk import move as move_module
 from fusedisk.daemon import recover
 from fusedisk.engine import Disk
 from fusedisk.intent import Intent, trusted_runs
-from fusedisk.move import Phase
+from fusedisk.move import Move, Phase
 from fusedisk.storage import PosixStorage, journal_path, marker_path
 from tests.fakes import MemoryFile, MemoryStorage
 
@@ -42,6 +42,20 @@ def checkpoint_record(cursor: int, marks: list[int], region: int = MiB) -> dict[
     }
 
 
+async def resumed_to_the_end(
+    src: MemoryFile, dst: MemoryFile, cursor: int, marks: list[int]
+) -> tuple[Disk, Move]:
+    """Resume the move of ``src`` to ``dst`` from a checkpoint at ``cursor`` with ``marks``,
+    and let it finish."""
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, MemoryStorage(src, dst), nursery)
+        move = await disk.resume_move(checkpoint_record(cursor, marks), dest_timeout=0)
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE, move.error
+    return disk, move
+
+
 def test_trusted_runs_leave_out_marked_regions_and_the_rest() -> None:
     assert trusted_runs(8 * MiB, 5 * MiB, MiB, {2}) == [(0, 2 * MiB), (3 * MiB, 5 * MiB)]
     assert trusted_runs(8 * MiB, 5 * MiB, MiB, {0, 4, 6}) == [(MiB, 4 * MiB)]
@@ -56,13 +70,7 @@ async def test_resume_copies_what_the_record_does_not_trust_and_nothing_else() -
     src = MemoryFile("/src", bytes(data))
     dst = MemoryFile("/dst", bytes(data[: 5 * MiB]) + bytes(3 * MiB))
     src.data[2 * MiB + 100 : 2 * MiB + 200] = b"\xaa" * 100  # written, then the crash
-    storage = MemoryStorage(src, dst)
-    async with trio.open_nursery() as nursery:
-        disk = Disk(src, storage, nursery)
-        move = await disk.resume_move(checkpoint_record(5 * MiB, [2]), dest_timeout=0)
-        with trio.fail_after(WAIT):
-            await move.finished_event.wait()
-    assert move.phase is Phase.DONE, move.error
+    disk, move = await resumed_to_the_end(src, dst, 5 * MiB, [2])
     assert move.resumed_from == 5 * MiB
     assert move.copied_bytes == 4 * MiB  # region 2, and 5..8 MiB
     assert move.copied_bytes + move.synced_by_writes_bytes + move.hole_bytes == 8 * MiB
@@ -81,13 +89,7 @@ async def test_what_reached_only_the_destination_in_a_source_hole_does_not_survi
     dst.pwrite(b"d" * MiB, 0)
     dst.pwrite(b"only on the destination", 2 * MiB + 10)  # marked region 2, below the cursor
     dst.pwrite(b"only on the destination", 6 * MiB + 10)  # past the cursor
-    storage = MemoryStorage(src, dst)
-    async with trio.open_nursery() as nursery:
-        disk = Disk(src, storage, nursery)
-        move = await disk.resume_move(checkpoint_record(4 * MiB, [2]), dest_timeout=0)
-        with trio.fail_after(WAIT):
-            await move.finished_event.wait()
-    assert move.phase is Phase.DONE, move.error
+    disk, _ = await resumed_to_the_end(src, dst, 4 * MiB, [2])
     assert disk.primary is dst and dst.data == src.data
     assert not dst.allocated[2 * MiB // 4096] and not dst.allocated[6 * MiB // 4096], "not thin"
 
