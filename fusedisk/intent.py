@@ -31,7 +31,9 @@ from fusedisk.storage import Storage
 REGIONS = 1024  # at most this many regions, so the record stays small
 MIN_REGION = 64 << 20
 # Seconds of copying between checkpoints; FUSEDISK_CHECKPOINT_EVERY tunes it (the crash tests
-# checkpoint often, so that their kills find something to resume).
+# checkpoint often, so that their kills find something to resume).  "inf" is a benchmark knob:
+# no record at all (no marks, no checkpoints; a crash rolls the move back), to measure what the
+# record costs beside it (docs/benchmarks.md).
 CHECKPOINT_EVERY = float(os.environ.get("FUSEDISK_CHECKPOINT_EVERY", "2.0"))
 
 
@@ -60,7 +62,8 @@ class Intent:
         self._lock = trio.Lock()  # one record write at a time
         self.checkpointed = trio.current_time()
         self.dest_id: list[int] | None = None  # the destination's (st_dev, st_ino)
-        self.records = 0  # journal writes, for the status
+        self.records = 0  # journal writes (checkpoints and marks), for the status
+        self.checkpoints = 0
         self.withdrawn = False
         self.settled = trio.Event()  # failed back: the record promises nothing any more
 
@@ -113,6 +116,7 @@ class Intent:
                 if self.withdrawn:
                     raise OSError(errno.ECANCELED, "the move's intent record was withdrawn")
                 await self._write(cursor, frozenset(self._tracking) | self._wanted)
+                self.checkpoints += 1
         finally:
             self._tracking = None
         self.checkpointed = trio.current_time()
@@ -151,6 +155,7 @@ class Intent:
             "checkpoint_bytes": cursor,
             "marked_bytes": min(len(marks) * self.region, cursor),
             "intent_records": self.records,
+            "checkpoints": self.checkpoints,
         }
 
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """fusedisk's benchmarks, one subcommand each; run as root with the venv's interpreter:
 
-    .venv/bin/python scripts/bench.py datapath|move|guest|memory [options] [--json FILE]
+    .venv/bin/python scripts/bench.py SUBCOMMAND [options] [--json FILE]
 
   datapath  fio on the host against each contender, one mount each
   move      live moves, idle and under a writer, against cp, qsd and the floors (bench_move.py)
   guest     fio inside a QEMU guest on each contender, idle and during a move (bench_guest.py)
   memory    peak RSS and switch pause moving sparse images up to 64 TiB under a writer
+  intent    what the write-intent record costs a writer during a move (bench_resume.py)
+  resume    how much a move resumed after a SIGKILL copies again (bench_resume.py)
 
 Contenders (benchlib.CONTENDERS): raw (the image file), floor (scripts/floor.py, a bare pyfuse3
 passthrough: what the library costs), floor-mirror (floor.py writing every write to a second
@@ -36,6 +38,7 @@ from typing import Any
 
 import bench_guest
 import bench_move
+import bench_resume
 import benchlib as bl
 from benchlib import CONTENDERS, JOBS, MiB, Run, Table
 
@@ -50,6 +53,8 @@ SUMMARIES = {
     "move": "live moves, idle and under a writer, against cp, qsd and the floors",
     "guest": "fio inside a QEMU guest on each contender, idle and during a move",
     "memory": "peak RSS and switch pause moving sparse images up to 64 TiB under a writer",
+    "intent": "what the write-intent record costs a writer during a move",
+    "resume": "how much a move resumed after a SIGKILL copies again",
 }
 
 
@@ -168,7 +173,7 @@ def memory(args: argparse.Namespace) -> Result:
     for size in args.sizes:
         with ExitStack() as stack:
             image = bl.scratch(stack, args.dir / f"rss-{size}.img")
-            make_sparse(image, parse_size(size), args.data * MiB)
+            bl.make_sparse(image, parse_size(size), args.data * MiB)
             served = bl.serve_fusedisk(stack, image, args.dir)
             before = peak_rss_kib(served.pid)
             prefix = args.dir / f"rss-{size}-writer"
@@ -194,18 +199,6 @@ def memory(args: argparse.Namespace) -> Result:
             r["writer"]["iops"],
         )
     return [table], {"runs": runs}
-
-
-def make_sparse(path: Path, size: int, data: int) -> None:
-    """A sparse file of ``size`` bytes with ``data`` bytes of random data in 16 MiB extents
-    spread evenly over it."""
-    extent = min(16 * MiB, data, size)
-    count = max(1, data // extent)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for i in range(count):
-            f.seek((size // count * i) // MiB * MiB)
-            f.write(os.urandom(extent))
 
 
 def peak_rss_kib(pid: int | None) -> int:
@@ -270,6 +263,8 @@ def parser() -> argparse.ArgumentParser:
     s = command("memory", memory, 1, memory.__doc__)
     s.add_argument("--sizes", nargs="+", default=["1G", "1T", "64T"], help="%(default)s")
     s.add_argument("--data", type=int, default=1024, help="MiB of data (%(default)s)")
+
+    bench_resume.register(command)
     return p
 
 

@@ -118,6 +118,18 @@ def make_image(path: Path, size: int, seed: int = 1) -> None:
         os.close(fd)
 
 
+def make_sparse(path: Path, size: int, data: int) -> None:
+    """A sparse file of ``size`` bytes with ``data`` bytes of random data in 16 MiB extents
+    spread evenly over it."""
+    extent = min(16 * MiB, data, size)
+    count = max(1, data // extent)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(count):
+            f.seek((size // count * i) // MiB * MiB)
+            f.write(os.urandom(extent))
+
+
 def warm(path: Path) -> None:
     """Read a file once so its pages are cached: every contender starts alike."""
     with open(path, "rb", buffering=0) as f:
@@ -194,11 +206,17 @@ class Served:
     nbd: str | None = None  # qemu-storage-daemon's NBD URI (``file`` is then its socket)
 
 
-def fusedisk(*args: str | Path, timeout: float = 600) -> str:
-    """Run the venv's fusedisk CLI; its stdout, or RuntimeError with its stderr."""
+def fusedisk(*args: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
+    """Run the venv's fusedisk CLI (``env``: more environment); its stdout, or RuntimeError
+    with its stderr."""
     command = [sys.executable, "-m", "fusedisk", *map(str, args)]
     r = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **env} if env else None,
     )
     if r.returncode:
         raise RuntimeError(f"fusedisk {' '.join(map(str, args))}: {r.stderr.strip()}")
@@ -225,7 +243,9 @@ def serve_raw(stack: ExitStack, image: Path, work: Path) -> Served:
     return Served(image)
 
 
-def serve_fusedisk(stack: ExitStack, image: Path, work: Path) -> Served:
+def serve_fusedisk(
+    stack: ExitStack, image: Path, work: Path, env: dict[str, str] | None = None
+) -> Served:
     mnt = _mountpoint(stack, work / f"{image.stem}.mnt")
     served = Served(mnt / "disk")
 
@@ -241,7 +261,7 @@ def serve_fusedisk(stack: ExitStack, image: Path, work: Path) -> Served:
                     os.kill(served.pid, signal.SIGKILL)
 
     on_exit(stack, f"unmount {mnt}", stop)  # before mounting: a half-made mount is undone too
-    fusedisk("mount", image, mnt, "--name", "disk")
+    fusedisk("mount", image, mnt, "--name", "disk", env=env)  # the daemon inherits ``env``
     served.pid = int(status(mnt)["pid"])
     return served
 
@@ -416,6 +436,7 @@ class Contender:
 nbd = functools.partial(serve_qsd, nbd=True)
 floor_mirror = functools.partial(serve_floor, mirror=True)
 deadline = functools.partial(FusediskMove, options=("--dest-timeout", "1"))
+no_record = functools.partial(serve_fusedisk, env={"FUSEDISK_CHECKPOINT_EVERY": "inf"})
 # Every contender of every subcommand, in one place.
 CONTENDERS = {
     "raw": Contender("the image file itself (fio and QEMU open it O_DIRECT)", serve_raw),
@@ -432,6 +453,12 @@ CONTENDERS = {
         "default on network and FUSE filesystems; on local ones the default is inline)",
         serve_fusedisk,
         deadline,
+    ),
+    "fusedisk-move-norecord": Contender(
+        "fusedisk-move with no write-intent record (FUSEDISK_CHECKPOINT_EVERY=inf: no marks, "
+        "no checkpoints; a crash rolls the move back): what the record costs",
+        no_record,
+        FusediskMove,
     ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
     "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),

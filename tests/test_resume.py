@@ -9,6 +9,7 @@ nothing else.  Recovery tests on real files: what is resumed and what is rolled 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from fusedisk import engine as engine_module
 from fusedisk import intent as intent_module
 from fusedisk import move as move_module
 from fusedisk.daemon import recover
@@ -167,6 +169,23 @@ async def test_intent_needs_no_mark_past_the_cursor_or_in_a_marked_region() -> N
     assert not intent.must_mark(MiB, 2 * MiB)
     assert intent.must_mark(MiB, 2 * MiB + 1)  # spills into region 2
     assert intent.must_mark(0, 1)
+
+
+async def test_no_record_at_all_with_checkpoints_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FUSEDISK_CHECKPOINT_EVERY=inf, the benchmarks' knob: a move with no write-intent
+    record (no checkpoint, no mark) against which to measure the record's cost."""
+    monkeypatch.setattr(engine_module, "CHECKPOINT_EVERY", math.inf)
+    src = MemoryFile("/src", random.Random(3).randbytes(4 * MiB))
+    storage = MemoryStorage(src)
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.start_move("/dst", dest_timeout=0)
+        await disk.write(MiB, b"new!")
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE and move.intent is None, move.error
+    assert not [r for r in storage.journal_history if "checkpoint" in r]
+    assert disk.primary.pread(4, MiB) == b"new!"
 
 
 # ---- recovery on real files -----------------------------------------------------------------

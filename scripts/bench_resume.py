@@ -1,0 +1,221 @@
+"""The write-intent record's two benchmarks (issue 9), run by `scripts/bench.py intent|resume`.
+
+  intent  what the record costs the guest: 4 KiB random-write IOPS during a move with the record
+          (fusedisk-move) and without it (fusedisk-move-norecord), the two interleaved in each
+          repetition, on a sparse image of each --sizes holding --data MiB in 16 MiB extents
+          spread over it (as `memory`), the copy throttled to --rate so both moves last alike.
+  resume  a --size MiB image moved at --rate under a writer; once the copy passes --kill-at of
+          the image, SIGKILL the daemon (and the writer: the VM's disk is gone), clear the stale
+          mount, mount again (the move resumes), let it finish flat out with no writer, and
+          report how much of the image the resumed move copied (target <= 0.2).
+
+Writers (--writers): fio, 4 KiB random writes, iodepth 16, libaio O_DIRECT through the mount.
+  uniform  at full speed, uniformly over the whole disk: the worst case for the record (it
+           writes every region between two checkpoints)
+  vm       a busy VM as the record sees it: 200 writes/s, 90 % of them into a hot 10 % of the
+           disk, 10 % into the next 20 %, none into the rest (fio's zoned distribution; why
+           this one: docs/benchmarks.md §6)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import bench_move
+import benchlib as bl
+from benchlib import CONTENDERS, MiB, Run, Table
+
+from fusedisk.storage import journal_path, marker_path
+from fusedisk.units import parse_size
+
+WRITERS = {
+    "uniform": ["--norandommap=1"],
+    "vm": ["--norandommap=1", "--rate_iops=200", "--random_distribution=zoned:90/10:10/20:0/70"],
+}
+PAIR = ("fusedisk-move", "fusedisk-move-norecord")
+
+
+def register(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the two subcommands to bench.py's parser (``command`` adds the common options)."""
+    intent = command("intent", cost, 3, __doc__)
+    intent.add_argument("--sizes", nargs="+", default=["4G", "1T"], help="%(default)s")
+    intent.add_argument("--data", type=int, default=1024, help="MiB of data (%(default)s)")
+    intent.add_argument("--before", type=float, default=3, help="writer s before the move (3)")
+    again = command("resume", resume, 3, __doc__)
+    again.set_defaults(size=4096)
+    again.add_argument("--kill-at", type=float, default=0.9, help="of the copy (%(default)s)")
+    for s in (intent, again):
+        s.add_argument("--rate", default="40M", help="the move's copy rate limit (%(default)s)")
+        s.add_argument("--writers", default="uniform,vm", help="%(default)s (see above)")
+        s.add_argument("--ramp", type=float, default=1.5, help="writer warm-up s (%(default)s)")
+
+
+# ---- intent: the record's cost ------------------------------------------------------------------
+
+
+def cost(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
+    """The writer's IOPS during a move with the write-intent record and without it (contender
+    fusedisk-move-norecord: FUSEDISK_CHECKPOINT_EVERY=inf), interleaved; target: with / without
+    >= 0.9.  Also each daemon's journal writes (checkpoints and mark batches)."""
+    args.rate_bytes = parse_size(args.rate)
+    cases = [(size, w) for size in args.sizes for w in args.writers.split(",")]
+    plan = [f"{size} {w} {name}" for size, w in cases for name in PAIR]
+    runs = bl.interleave(args.reps, plan, lambda entry: _cost_run(args, entry), _describe)
+    table = Table(
+        f"4 KiB random-write IOPS during a move with and without the write-intent record "
+        f"(sparse images holding {args.data} MiB, copy at {args.rate}/s; medians of "
+        f"{args.reps}, ratio per repetition in brackets)",
+        [
+            *("size", "writer", "IOPS before", "IOPS during, record", "IOPS during, none"),
+            *("record / none", ">= 0.9", "move s, record", "move s, none"),
+            *("checkpoints", "journal writes"),
+        ],
+    )
+    for size, w in cases:
+        with_, without = (runs[f"{size} {w} {name}"] for name in PAIR)
+        during = [bl.values(rs, "writer", "during", "iops") for rs in (with_, without)]
+        kept = bl.compare(*during)
+        table.add(
+            size,
+            w,
+            bl.fmt(bl.med(with_ + without, "writer", "before", "iops"), 0),
+            *(bl.fmt(bl.median(d), 0) for d in during),
+            kept[1],
+            bl.verdict(kept[0], 0.9),
+            *(bl.med(rs, "move_s") for rs in (with_, without)),
+            *(bl.fmt(bl.med(with_, key), 0) for key in ("checkpoints", "intent_records")),
+        )
+    return [table], {"runs": runs}
+
+
+def _cost_run(args: argparse.Namespace, entry: str) -> Run:
+    size, writer, name = entry.split()
+    contender = CONTENDERS[name]
+    assert contender.mover is not None
+    with ExitStack() as stack:
+        image = bl.scratch(stack, args.dir / f"intent-{name}.img")
+        bl.make_sparse(image, parse_size(size), args.data * MiB)
+        served = contender.serve(stack, image, args.dir)
+        move = contender.mover(stack, served, args.dir / f"intent-{name}.dest", 0)
+        os.sync()
+        fio = bench_move.Writer(stack, served, image.with_suffix(""), WRITERS[writer])
+        time.sleep(args.ramp + args.before)
+        move.start(args.rate_bytes)
+        r = move.wait()
+        edges = {"before": fio.started + args.ramp, "during": r["started"]}
+        r["writer"] = fio.stop(edges | {"after": r["finished"]})
+        status = bl.status(served.file.parent)
+        r |= {key: status.get(key) for key in ("checkpoints", "intent_records")}
+    return r
+
+
+def _describe(r: Run) -> str:
+    w = r["writer"]
+    return (
+        f"move {r['move_s']} s, writer IOPS before {w['before']['iops']}, during "
+        f"{w['during']['iops']}; {r['checkpoints']} checkpoints, {r['intent_records']} records"
+    )
+
+
+# ---- resume: what a resumed move copies -------------------------------------------------------
+
+
+def resume(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
+    """Kill the daemon at --kill-at of a move under each writer, mount again: how much of the
+    image the resumed move copies (target <= 0.2), and what the checkpoint it resumed from held."""
+    args.rate_bytes = parse_size(args.rate)
+    writers = args.writers.split(",")
+    runs = bl.interleave(args.reps, writers, lambda w: _resume_run(args, w), _describe_resume)
+    table = Table(
+        f"SIGKILL at {args.kill_at:g} of a {args.size} MiB move at {args.rate}/s under a writer, "
+        f"then mount again: the resumed move (medians of {args.reps}; each repetition in "
+        "brackets; fractions of the image)",
+        [
+            *("writer", "writes/s", "killed at", "checkpoint at", "marked below it"),
+            *("resumed move copied", "<= 0.2", "resumed move (s)"),
+        ],
+    )
+
+    def cell(rs: list[Run], key: str, digits: int = 3) -> str:
+        each = ", ".join(bl.fmt(v, digits) for v in bl.values(rs, key))
+        return bl.fmt(bl.med(rs, key), digits) + (f" ({each})" if rs[1:] else "")
+
+    for w in writers:
+        rs = runs[w]
+        table.add(
+            w,
+            bl.fmt(bl.med(rs, "writes_per_s"), 0),
+            *(cell(rs, key) for key in ("killed_at", "checkpoint_at", "marked_fraction")),
+            cell(rs, "copied_fraction"),
+            bl.verdict(bl.med(rs, "copied_fraction"), 0.2, at_most=True),
+            cell(rs, "resumed_move_s", digits=1),
+        )
+    return [table], {"runs": runs}
+
+
+def _resume_run(args: argparse.Namespace, writer: str) -> Run:
+    size = args.size * MiB
+    with ExitStack() as stack:
+        image, dest = args.dir / "resume.img", args.dir / "resume.dest"
+        for path in (image, dest, Path(journal_path(str(image))), Path(marker_path(str(dest)))):
+            bl.scratch(stack, path)  # what a failed run may leave, too
+        bl.make_image(image, size)
+        served = bl.serve_fusedisk(stack, image, args.dir)
+        mnt = served.file.parent
+        os.sync()
+        bl.warm(image)
+        fio = bench_move.Writer(stack, served, image.with_suffix(""), WRITERS[writer])
+        time.sleep(args.ramp)
+        bl.fusedisk("migrate", mnt, dest, "--detach", "--rate", str(args.rate_bytes))
+        started = time.time()
+        while (s := bl.status(mnt))["progress_bytes"] < args.kill_at * size:
+            if s["phase"] != "mirroring":
+                raise RuntimeError(f"the move ended before the kill: {s['phase']}, {s['error']}")
+            time.sleep(0.02)
+        os.kill(int(s["pid"]), signal.SIGKILL)  # the daemon this run mounted
+        killed, killed_at = time.time(), s["progress_bytes"] / size
+        bl.terminate(fio.proc, signal.SIGINT)
+        record = json.loads(Path(journal_path(str(image))).read_text())
+        checkpoint = record.get("checkpoint") or {"cursor": 0, "marks": [], "region": 0}
+        cursor = int(checkpoint["cursor"])
+        marked = sum(1 for m in checkpoint["marks"] if m * checkpoint["region"] < cursor)
+        bl.fusedisk("unmount", mnt)  # clears the stale mount
+        mounted = time.time()
+        line = bl.fusedisk("mount", image, mnt, "--name", "disk").strip()
+        served.pid = int(bl.status(mnt)["pid"])
+        bl.fusedisk("rate", mnt, "0")
+        while (s := bl.status(mnt))["phase"] in ("mirroring", "switching"):
+            time.sleep(0.1)
+        if s["phase"] != "done" or s["resumed_from"] != cursor:
+            raise RuntimeError(f"the resumed move: {s['phase']} from {s['resumed_from']}: {line}")
+    return {
+        "writes_per_s": round(_writes(fio.log[0], started, killed) / (killed - started)),
+        "killed_at": round(killed_at, 3),
+        "checkpoint_at": round(cursor / size, 3),
+        "marked_fraction": round(min(marked * checkpoint["region"], cursor) / size, 3),
+        "copied_fraction": round(s["copied_bytes"] / size, 3),
+        "resumed_move_s": round(s["finished"] - mounted, 1),
+        "mount_line": line,
+        "status": s,
+    }
+
+
+def _writes(lat_log: Path, start: float, end: float) -> int:
+    """Writes fio completed in [start, end) (its latency log: Unix ms first on each line)."""
+    with open(lat_log, encoding="ascii") as f:
+        return sum(1 for line in f if start <= int(line.split(",", 1)[0]) / 1000 < end)
+
+
+def _describe_resume(r: Run) -> str:
+    return (
+        f"killed at {r['killed_at']}, checkpoint at {r['checkpoint_at']}, marked below it "
+        f"{r['marked_fraction']}: the resumed move copied {r['copied_fraction']} of the image"
+    )
