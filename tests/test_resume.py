@@ -137,6 +137,56 @@ async def test_a_checkpoint_marks_the_regions_written_while_it_flushed(
     assert checkpoints[0]["cursor"] == MiB and checkpoints[0]["marks"] == [0], checkpoints
 
 
+async def test_a_region_written_in_the_last_interval_stays_marked_and_is_recopied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Lazy clearing: a checkpoint keeps the mark of a region written since the checkpoint
+    before it (the guest will likely write it again: no journal write then), and clears it a
+    checkpoint later if the region was left alone.  Resumed from the record that kept it, the
+    move copies that region again (the write may be on one file only)."""
+    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)  # one per chunk (1 MiB)
+    monkeypatch.setattr(intent_module, "MIN_REGION", MiB)
+    data = random.Random(4).randbytes(8 * MiB)
+    src = MemoryFile("/src", data)
+    storage = MemoryStorage(src)
+    at_chunk_3, go_on = trio.Event(), trio.Event()
+
+    def on_copy_read(offset: int, length: int) -> None:
+        if offset == 3 * MiB:  # checkpoints at 1, 2 and 3 MiB are recorded
+            trio.from_thread.run_sync(at_chunk_3.set)
+            trio.from_thread.run(go_on.wait)
+
+    src.on_copy_read = on_copy_read
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.start_move("/dst", dest_timeout=0)
+        with trio.fail_after(WAIT):
+            await at_chunk_3.wait()
+        await disk.write(100, b"written once")  # region 0: marked before it is written
+        go_on.set()
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE, move.error
+    records = [r["checkpoint"] for r in storage.journal_history if "checkpoint" in r]
+    marks = {c["cursor"] // MiB: c["marks"] for c in records if c["cursor"] > 3 * MiB}
+    assert marks[4] == [0], "cleared although written since the checkpoint before"
+    assert marks[5] == [], "kept although left alone for a whole interval"
+    # The crash after the checkpoint at 4 MiB: the write on the source only.
+    kept = next(
+        r for r in storage.journal_history if r.get("checkpoint", {}).get("cursor") == 4 * MiB
+    )
+    src = MemoryFile("/src", bytes(src.data))
+    dst = MemoryFile("/dst", data[: 4 * MiB] + bytes(4 * MiB))
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, MemoryStorage(src, dst), nursery)
+        move = await disk.resume_move(kept, dest_timeout=0)
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE, move.error
+    assert move.copied_bytes == 5 * MiB  # region 0, and 4..8 MiB
+    assert dst.data == src.data
+
+
 async def test_a_mark_that_cannot_be_written_fails_the_move_back_first() -> None:
     """If the journal cannot take a mark, the move fails back; the write reaches the source
     (alone) only once the journal's record promises nothing (no checkpoint)."""
