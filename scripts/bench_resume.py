@@ -49,9 +49,13 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     intent.add_argument("--sizes", nargs="+", default=["4G", "1T"], help="%(default)s")
     intent.add_argument("--data", type=int, default=1024, help="MiB of data (%(default)s)")
     intent.add_argument("--before", type=float, default=3, help="writer s before the move (3)")
+    intent.add_argument(
+        "--window", type=float, help="measure the move's first WINDOW s only, then cancel it"
+    )
     again = command("resume", resume, 3, __doc__)
     again.set_defaults(size=4096)
     again.add_argument("--kill-at", type=float, default=0.9, help="of the copy (%(default)s)")
+    again.add_argument("--give-way", help="FUSEDISK_GIVE_WAY for the daemon (default: its own)")
     for s in (intent, again):
         s.add_argument("--rate", default="40M", help="the move's copy rate limit (%(default)s)")
         s.add_argument("--writers", default="uniform,vm", help="%(default)s (see above)")
@@ -71,11 +75,13 @@ def cost(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
     runs = bl.interleave(args.reps, plan, lambda entry: _cost_run(args, entry), _describe)
     table = Table(
         f"4 KiB random-write IOPS during a move with and without the write-intent record "
-        f"(sparse images holding {args.data} MiB, copy at {args.rate}/s; medians of "
-        f"{args.reps}, ratio per repetition in brackets)",
+        f"(sparse images holding {args.data} MiB, copy at {args.rate}/s"
+        + (f", the first {args.window:g} s of each move" if args.window else "")
+        + f"; medians of {args.reps}, ratio per repetition in brackets)",
         [
             *("size", "writer", "IOPS before", "IOPS during, record", "IOPS during, none"),
-            *("record / none", ">= 0.9", "move s, record", "move s, none"),
+            *("record / none", ">= 0.9", "p99 ms, record", "p99 ms, none"),
+            *("move s, record", "move s, none"),
             *("checkpoints", "journal writes"),
         ],
     )
@@ -90,6 +96,7 @@ def cost(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
             *(bl.fmt(bl.median(d), 0) for d in during),
             kept[1],
             bl.verdict(kept[0], 0.9),
+            *(bl.med(rs, "writer", "during", "p99_ms") for rs in (with_, without)),
             *(bl.med(rs, "move_s") for rs in (with_, without)),
             *(bl.fmt(bl.med(with_, key), 0) for key in ("checkpoints", "intent_records")),
         )
@@ -109,10 +116,17 @@ def _cost_run(args: argparse.Namespace, entry: str) -> Run:
         fio = bench_move.Writer(stack, served, image.with_suffix(""), WRITERS[writer])
         time.sleep(args.ramp + args.before)
         move.start(args.rate_bytes)
-        r = move.wait()
+        if args.window:  # the first --window s of the move, then it is cancelled
+            r: Run = {"started": time.time()}
+            time.sleep(args.window)
+            r["finished"] = time.time()
+            status = bl.status(served.file.parent)
+            bl.fusedisk("cancel", served.file.parent)
+        else:
+            r = move.wait()
+            status = bl.status(served.file.parent)
         edges = {"before": fio.started + args.ramp, "during": r["started"]}
         r["writer"] = fio.stop(edges | {"after": r["finished"]})
-        status = bl.status(served.file.parent)
         r |= {key: status.get(key) for key in ("checkpoints", "intent_records")}
     return r
 
@@ -120,7 +134,7 @@ def _cost_run(args: argparse.Namespace, entry: str) -> Run:
 def _describe(r: Run) -> str:
     w = r["writer"]
     return (
-        f"move {r['move_s']} s, writer IOPS before {w['before']['iops']}, during "
+        f"move {r.get('move_s', '-')} s, writer IOPS before {w['before']['iops']}, during "
         f"{w['during']['iops']}; {r['checkpoints']} checkpoints, {r['intent_records']} records"
     )
 
@@ -135,8 +149,9 @@ def resume(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
     writers = args.writers.split(",")
     runs = bl.interleave(args.reps, writers, lambda w: _resume_run(args, w), _describe_resume)
     table = Table(
-        f"SIGKILL at {args.kill_at:g} of a {args.size} MiB move at {args.rate}/s under a writer, "
-        f"then mount again: the resumed move (medians of {args.reps}; each repetition in "
+        f"SIGKILL at {args.kill_at:g} of a {args.size} MiB move at {args.rate}/s under a writer"
+        + (f" (FUSEDISK_GIVE_WAY={args.give_way})" if args.give_way else "")
+        + f", then mount again: the resumed move (medians of {args.reps}; each repetition in "
         "brackets; fractions of the image)",
         [
             *("writer", "writes/s", "killed at", "checkpoint at", "marked below it"),
@@ -168,7 +183,8 @@ def _resume_run(args: argparse.Namespace, writer: str) -> Run:
         for path in (image, dest, Path(journal_path(str(image))), Path(marker_path(str(dest)))):
             bl.scratch(stack, path)  # what a failed run may leave, too
         bl.make_image(image, size)
-        served = bl.serve_fusedisk(stack, image, args.dir)
+        env = {"FUSEDISK_GIVE_WAY": args.give_way} if args.give_way else None
+        served = bl.serve_fusedisk(stack, image, args.dir, env=env)
         mnt = served.file.parent
         os.sync()
         bl.warm(image)
@@ -176,28 +192,29 @@ def _resume_run(args: argparse.Namespace, writer: str) -> Run:
         time.sleep(args.ramp)
         bl.fusedisk("migrate", mnt, dest, "--detach", "--rate", str(args.rate_bytes))
         started = time.time()
-        while (s := bl.status(mnt))["progress_bytes"] < args.kill_at * size:
+        while (s := _status(mnt))["progress_bytes"] < args.kill_at * size:
             if s["phase"] != "mirroring":
                 raise RuntimeError(f"the move ended before the kill: {s['phase']}, {s['error']}")
             time.sleep(0.02)
         os.kill(int(s["pid"]), signal.SIGKILL)  # the daemon this run mounted
         killed, killed_at = time.time(), s["progress_bytes"] / size
-        bl.terminate(fio.proc, signal.SIGINT)
+        bl.terminate(fio.proc, signal.SIGINT)  # it writes its log as it exits
+        writes_per_s = _writes(fio.log[0], started, killed) / (killed - started)
         record = json.loads(Path(journal_path(str(image))).read_text())
         checkpoint = record.get("checkpoint") or {"cursor": 0, "marks": [], "region": 0}
         cursor = int(checkpoint["cursor"])
         marked = sum(1 for m in checkpoint["marks"] if m * checkpoint["region"] < cursor)
         bl.fusedisk("unmount", mnt)  # clears the stale mount
         mounted = time.time()
-        line = bl.fusedisk("mount", image, mnt, "--name", "disk").strip()
+        line = bl.fusedisk("mount", image, mnt, "--name", "disk", env=env).strip()
         served.pid = int(bl.status(mnt)["pid"])
         bl.fusedisk("rate", mnt, "0")
-        while (s := bl.status(mnt))["phase"] in ("mirroring", "switching"):
+        while (s := _status(mnt))["phase"] in ("mirroring", "switching"):
             time.sleep(0.1)
         if s["phase"] != "done" or s["resumed_from"] != cursor:
             raise RuntimeError(f"the resumed move: {s['phase']} from {s['resumed_from']}: {line}")
     return {
-        "writes_per_s": round(_writes(fio.log[0], started, killed) / (killed - started)),
+        "writes_per_s": round(writes_per_s),
         "killed_at": round(killed_at, 3),
         "checkpoint_at": round(cursor / size, 3),
         "marked_fraction": round(min(marked * checkpoint["region"], cursor) / size, 3),
@@ -206,6 +223,12 @@ def _resume_run(args: argparse.Namespace, writer: str) -> Run:
         "mount_line": line,
         "status": s,
     }
+
+
+def _status(mnt: Path) -> dict[str, Any]:
+    """The daemon's status, from the mount's .status file (no process to start: polled)."""
+    status: dict[str, Any] = json.loads((mnt / ".status").read_text())
+    return status
 
 
 def _writes(lat_log: Path, start: float, end: float) -> int:
