@@ -31,8 +31,10 @@ import trio
 
 from fusedisk.storage import Storage
 
-REGIONS = 1024  # at most this many regions, so the record stays small
-MIN_REGION = 64 << 20
+# At most this many regions (the record stays small: ~25 KB at worst), of at least MIN_REGION:
+# the finer they are, the less a resume copies again (docs/benchmarks.md §6).
+REGIONS = 4096
+MIN_REGION = 1 << 20
 # Seconds of copying between checkpoints; FUSEDISK_CHECKPOINT_EVERY tunes it (the crash tests
 # checkpoint often, so that their kills find something to resume).  "inf" is a benchmark knob:
 # no record at all (no marks, no checkpoints; a crash rolls the move back), to measure what the
@@ -43,7 +45,7 @@ KEEP_EPOCHS = 1
 
 
 def region_size(size: int) -> int:
-    """64 MiB, or the power of two that keeps a disk of ``size`` within REGIONS regions."""
+    """MIN_REGION, or the power of two that keeps a disk of ``size`` within REGIONS regions."""
     wanted = max(MIN_REGION, -(-size // REGIONS))
     return 1 << (wanted - 1).bit_length()
 
@@ -64,6 +66,7 @@ class Intent:
         self._views: list[tuple[int, frozenset[int]]] = [(cursor, frozenset(marks or ()))]
         self._wanted: set[int] = set()  # regions to mark in the next record
         self._epoch = 0  # checkpoints begun
+        self._upto = cursor  # the cursor of the latest checkpoint begun
         self._written_in: dict[int, int] = {}  # region -> the last epoch a write was made in
         self._lock = trio.Lock()  # one record write at a time
         self.checkpointed = trio.current_time()
@@ -97,7 +100,9 @@ class Intent:
 
     def written(self, start: int, end: int) -> None:
         """In the write's synchronous step, after it was submitted to both files: note the
-        epoch its regions were written in."""
+        epoch its regions were written in.  Past the cursor of the latest checkpoint that
+        only spares later marks: a truncate that grows the disk far notes REGIONS at most."""
+        end = min(end, max(self._upto, (start // self.region + REGIONS) * self.region))
         for r in self._regions(start, end):
             self._written_in[r] = self._epoch
 
@@ -116,6 +121,7 @@ class Intent:
     async def checkpoint(self, cursor: int, flush_both: Any) -> None:
         """Record ``cursor`` (the copier's: all below it is in sync) once ``flush_both()`` has
         made both files durable, marking the regions below it written since the epoch before."""
+        self._upto = cursor
         self._epoch += 1  # writes from here on may not be durable once flush_both returns
         epoch = self._epoch
         await flush_both()

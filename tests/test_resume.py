@@ -213,6 +213,20 @@ async def test_a_mark_that_cannot_be_written_fails_the_move_back_first() -> None
     assert "/dst" not in storage.files and not storage.journal
 
 
+async def test_a_truncate_growing_the_disk_far_during_a_checkpoint_is_marked_below_it() -> None:
+    """A truncate from 512 KiB to 1 TiB while a checkpoint at 8 MiB flushes: every region below
+    that cursor is marked (the truncate may not be durable on both files yet), and the growth
+    costs no work per region of the new size."""
+    intent = Intent(MemoryStorage(), {"source": "/src"}, MiB)
+
+    async def flush_both() -> None:
+        intent.written(MiB // 2, 1 << 40)
+
+    await intent.checkpoint(8 * MiB, flush_both)
+    assert intent.marks == set(range(8))
+    assert len(intent._written_in) <= intent_module.REGIONS
+
+
 async def test_intent_needs_no_mark_past_the_cursor_or_in_a_marked_region() -> None:
     intent = Intent(MemoryStorage(), {"source": "/src"}, MiB, cursor=4 * MiB, marks={1})
     assert not intent.must_mark(4 * MiB, 5 * MiB)
