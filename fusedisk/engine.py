@@ -38,7 +38,7 @@ from fusedisk.backend import (
 from fusedisk.destination import DEST_TIMEOUT, Call, Destination, FileCall, bounded
 from fusedisk.errors import MoveRefused
 from fusedisk.failpoints import crash_point
-from fusedisk.intent import Intent, region_size, trusted_runs
+from fusedisk.intent import CHECKPOINT_EVERY, Intent, region_size, trusted_runs
 from fusedisk.storage import Storage
 from fusedisk.syncmap import RangeLocks, SyncMap
 
@@ -419,8 +419,10 @@ class Disk:
             verify=verify,
             dest_timeout=dest_timeout,
         )
-        intent = Intent(self.storage, record, region_size(self.primary.size()))
-        intent.dest_id = dest_id
+        intent = None
+        if math.isfinite(CHECKPOINT_EVERY):  # (else no record: a benchmark knob)
+            intent = Intent(self.storage, record, region_size(self.primary.size()))
+            intent.dest_id = dest_id
         return self._mirror_to(move, dest_file, intent, trusted=[])
 
     async def resume_move(self, record: dict[str, Any], dest_timeout: float) -> Move:
@@ -465,7 +467,11 @@ class Disk:
         return self._mirror_to(move, dest_file, intent, trusted)
 
     def _mirror_to(
-        self, move: Move, dest_file: ImageFile, intent: Intent, trusted: list[tuple[int, int]]
+        self,
+        move: Move,
+        dest_file: ImageFile,
+        intent: Intent | None,
+        trusted: list[tuple[int, int]],
     ) -> Move:
         """Turn mirroring on to ``dest_file`` and start the copier, trusting ``trusted``
         byte ranges as in sync."""

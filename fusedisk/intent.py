@@ -7,10 +7,13 @@ resuming safe: **every byte where the source's and the destination's durable con
 differ lies at or past the recorded cursor, or in a marked region.**  Resuming trusts the rest and
 copies only that.
 
-- A checkpoint (the copier's, every CHECKPOINT_EVERY seconds): note the cursor, track the
-  regions written from now on, wait for the mirrored writes already submitted, flush both
-  files (all before is now durably equal below the cursor), then record the cursor with the
-  tracked regions as the new marks.
+- A checkpoint (the copier's, every CHECKPOINT_EVERY seconds): note the cursor, start a new
+  epoch (each write notes the epoch it was made in), wait for the mirrored writes already
+  submitted, flush both files (all written before is now durably equal), then record the
+  cursor with the marks of the regions written in this epoch (during the flush: perhaps not
+  durable) or the one before (md's lazy clearing: a region the guest writes now will likely
+  be written again, and keeping its mark spares that write a journal write; a region left
+  alone for a whole interval is cleared, so a resume copies it no more).
 - A guest write or truncate below the recorded cursor, in a region not durably marked, first
   marks it durably (one journal write serves every write that waits meanwhile), and only then
   touches either file.
@@ -28,15 +31,21 @@ import trio
 
 from fusedisk.storage import Storage
 
-REGIONS = 1024  # at most this many regions, so the record stays small
-MIN_REGION = 64 << 20
+# At most this many regions (the record stays small: ~25 KB at worst), of at least MIN_REGION:
+# the finer they are, the less a resume copies again (docs/benchmarks.md §6).
+REGIONS = 4096
+MIN_REGION = 1 << 20
 # Seconds of copying between checkpoints; FUSEDISK_CHECKPOINT_EVERY tunes it (the crash tests
-# checkpoint often, so that their kills find something to resume).
+# checkpoint often, so that their kills find something to resume).  "inf" is a benchmark knob:
+# no record at all (no marks, no checkpoints; a crash rolls the move back), to measure what the
+# record costs beside it (docs/benchmarks.md).
 CHECKPOINT_EVERY = float(os.environ.get("FUSEDISK_CHECKPOINT_EVERY", "2.0"))
+# A checkpoint keeps the marks of regions written in its own epoch and this many before it.
+KEEP_EPOCHS = 1
 
 
 def region_size(size: int) -> int:
-    """64 MiB, or the power of two that keeps a disk of ``size`` within REGIONS regions."""
+    """MIN_REGION, or the power of two that keeps a disk of ``size`` within REGIONS regions."""
     wanted = max(MIN_REGION, -(-size // REGIONS))
     return 1 << (wanted - 1).bit_length()
 
@@ -56,11 +65,14 @@ class Intent:
         # (cursor, marks) of the durable record; two while a new one is being written.
         self._views: list[tuple[int, frozenset[int]]] = [(cursor, frozenset(marks or ()))]
         self._wanted: set[int] = set()  # regions to mark in the next record
-        self._tracking: set[int] | None = None  # regions written during a checkpoint
+        self._epoch = 0  # checkpoints begun
+        self._upto = cursor  # the cursor of the latest checkpoint begun
+        self._written_in: dict[int, int] = {}  # region -> the last epoch a write was made in
         self._lock = trio.Lock()  # one record write at a time
         self.checkpointed = trio.current_time()
         self.dest_id: list[int] | None = None  # the destination's (st_dev, st_ino)
-        self.records = 0  # journal writes, for the status
+        self.records = 0  # journal writes (checkpoints and marks), for the status
+        self.checkpoints = 0
         self.withdrawn = False
         self.settled = trio.Event()  # failed back: the record promises nothing any more
 
@@ -87,16 +99,19 @@ class Intent:
         return False
 
     def written(self, start: int, end: int) -> None:
-        """In the write's synchronous step: remember the regions written during a checkpoint."""
-        if self._tracking is not None:
-            self._tracking.update(self._regions(start, end))
+        """In the write's synchronous step, after it was submitted to both files: note the
+        epoch its regions were written in.  Past the cursor of the latest checkpoint that
+        only spares later marks: a truncate that grows the disk far notes REGIONS at most."""
+        end = min(end, max(self._upto, (start // self.region + REGIONS) * self.region))
+        for r in self._regions(start, end):
+            self._written_in[r] = self._epoch
 
     async def mark(self, start: int, end: int) -> None:
         """Make the regions of [start, end) below the cursor durably marked."""
         below = self._regions(start, min(end, max(c for c, _ in self._views)))
         self._wanted.update(below)
-        if self._tracking is not None:
-            self._tracking.update(below)
+        for r in below:  # the write comes after this: perhaps during the next checkpoint
+            self._written_in[r] = self._epoch
         async with self._lock:
             if self.withdrawn:
                 raise OSError(errno.ECANCELED, "the move's intent record was withdrawn")
@@ -105,16 +120,19 @@ class Intent:
 
     async def checkpoint(self, cursor: int, flush_both: Any) -> None:
         """Record ``cursor`` (the copier's: all below it is in sync) once ``flush_both()`` has
-        made both files durable, with the regions written meanwhile as the marks."""
-        self._tracking = set()
-        try:
-            await flush_both()
-            async with self._lock:
-                if self.withdrawn:
-                    raise OSError(errno.ECANCELED, "the move's intent record was withdrawn")
-                await self._write(cursor, frozenset(self._tracking) | self._wanted)
-        finally:
-            self._tracking = None
+        made both files durable, marking the regions below it written since the epoch before."""
+        self._upto = cursor
+        self._epoch += 1  # writes from here on may not be durable once flush_both returns
+        epoch = self._epoch
+        await flush_both()
+        async with self._lock:
+            if self.withdrawn:
+                raise OSError(errno.ECANCELED, "the move's intent record was withdrawn")
+            recent = {r: e for r, e in self._written_in.items() if e >= epoch - KEEP_EPOCHS}
+            self._written_in = recent  # (older epochs count no more)
+            last = -(-cursor // self.region)  # regions from here on are past the cursor
+            await self._write(cursor, {r for r in recent if r < last} | self._wanted)
+            self.checkpoints += 1
         self.checkpointed = trio.current_time()
 
     async def withdraw(self) -> None:
@@ -151,6 +169,7 @@ class Intent:
             "checkpoint_bytes": cursor,
             "marked_bytes": min(len(marks) * self.region, cursor),
             "intent_records": self.records,
+            "checkpoints": self.checkpoints,
         }
 
 

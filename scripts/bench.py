@@ -26,6 +26,7 @@ from typing import Any
 
 import bench_guest
 import bench_move
+import bench_resume
 import benchlib as bl
 from benchlib import CONTENDERS, JOBS, MiB, Result, Run, Table
 
@@ -157,7 +158,7 @@ def memory(args: argparse.Namespace) -> Result:
     for size in args.sizes:
         with ExitStack() as stack:
             image = bl.scratch(stack, args.dir / f"rss-{size}.img")
-            make_sparse(image, parse_size(size), args.data * MiB)
+            bl.make_sparse(image, parse_size(size), args.data * MiB)
             served = bl.serve_fusedisk(stack, image)
             before = peak_rss_kib(served.pid)
             prefix = args.dir / f"rss-{size}-writer"
@@ -185,18 +186,6 @@ def memory(args: argparse.Namespace) -> Result:
     return [table], {"runs": runs}
 
 
-def make_sparse(path: Path, size: int, data: int) -> None:
-    """A sparse file of ``size`` bytes with ``data`` bytes of random data in 16 MiB extents
-    spread evenly over it."""
-    extent = min(16 * MiB, data, size)
-    count = max(1, data // extent)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for i in range(count):
-            f.seek((size // count * i) // MiB * MiB)
-            f.write(os.urandom(extent))
-
-
 def peak_rss_kib(pid: int | None) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -218,7 +207,7 @@ def convert(args: argparse.Namespace) -> Result:
         files = {}
         for i, name in enumerate(args.contenders):
             image = bl.scratch(stack, args.dir / f"c{i}-{name}.img")
-            make_sparse(image, args.size * MiB, args.data * MiB)  # its data stays cached
+            bl.make_sparse(image, args.size * MiB, args.data * MiB)  # its data stays cached
             files[name] = CONTENDERS[name].serve(stack, image).file
         out = bl.scratch(stack, args.dir / "converted.img")
 
@@ -251,6 +240,8 @@ SUBCOMMANDS: dict[str, tuple[Options, Callable[[argparse.Namespace], Result]]] =
     "guest": (bench_guest.options, bench_guest.run),
     "memory": (memory_options, memory),
     "convert": (convert_options, convert),
+    "intent": (bench_resume.intent_options, bench_resume.cost),
+    "resume": (bench_resume.resume_options, bench_resume.resume),
 }
 
 

@@ -127,6 +127,18 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def make_sparse(path: Path, size: int, data: int) -> None:
+    """A sparse file of ``size`` bytes with ``data`` bytes of random data in 16 MiB extents
+    spread evenly over it."""
+    extent = min(16 * MiB, data, size)
+    count = max(1, data // extent)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(count):
+            f.seek((size // count * i) // MiB * MiB)
+            f.write(os.urandom(extent))
+
+
 def scratch(stack: ExitStack, path: Path) -> Path:
     """``path``, removed now and again when ``stack`` unwinds."""
     remove(path)
@@ -187,20 +199,25 @@ class Served:
     nbd: str | None = None  # qemu-storage-daemon's NBD URI (``file`` is then its socket)
 
 
-def run(*command: str | Path, timeout: float = 600) -> str:
-    """``command``'s stdout, or RuntimeError with the end of its stderr."""
+def run(*command: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
+    """``command``'s stdout, or RuntimeError with the end of its stderr; ``env`` added to ours."""
     argv = list(map(str, command))
     r = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=None if env is None else os.environ | env,
     )
     if r.returncode:
         raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()[-2000:]}")
     return r.stdout
 
 
-def fusedisk(*args: str | Path, timeout: float = 600) -> str:
+def fusedisk(*args: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
     """Run the venv's fusedisk CLI (``sys.executable -m fusedisk``)."""
-    return run(sys.executable, "-m", "fusedisk", *args, timeout=timeout)
+    return run(sys.executable, "-m", "fusedisk", *args, timeout=timeout, env=env)
 
 
 def _mountpoint(stack: ExitStack, image: Path) -> Path:
@@ -219,7 +236,7 @@ def serve_raw(stack: ExitStack, image: Path) -> Served:
     return Served(image)
 
 
-def serve_fusedisk(stack: ExitStack, image: Path) -> Served:
+def serve_fusedisk(stack: ExitStack, image: Path, env: dict[str, str] | None = None) -> Served:
     mnt = _mountpoint(stack, image)
     served = Served(mnt / "disk")
 
@@ -235,7 +252,7 @@ def serve_fusedisk(stack: ExitStack, image: Path) -> Served:
                     os.kill(served.pid, signal.SIGKILL)
 
     on_exit(stack, f"unmount {mnt}", stop)  # before mounting: a half-made mount is undone too
-    fusedisk("mount", image, mnt, "--name", "disk")
+    fusedisk("mount", image, mnt, "--name", "disk", env=env)  # the daemon keeps ``env``
     served.pid = int(json.loads(fusedisk("status", mnt, "--json"))["pid"])
     return served
 
@@ -403,6 +420,12 @@ CONTENDERS = {
         "fusedisk-move with --dest-timeout 1: worker threads and a 1 s deadline (as on networks)",
         serve_fusedisk,
         functools.partial(FusediskMove, options=("--dest-timeout", "1")),
+    ),
+    "fusedisk-move-norecord": Contender(
+        "fusedisk-move with no write-intent record (FUSEDISK_CHECKPOINT_EVERY=inf: no marks, "
+        "no checkpoints; a crash rolls the move back): what the record costs",
+        functools.partial(serve_fusedisk, env={"FUSEDISK_CHECKPOINT_EVERY": "inf"}),
+        FusediskMove,
     ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
     "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),

@@ -190,10 +190,17 @@ MUTATIONS = [
         "fusedisk/intent.py",
         (
             (
-                "await self._write(cursor, frozenset(self._tracking) | self._wanted)",
-                "await self._write(cursor, frozenset(self._wanted))",
+                "if e >= epoch - KEEP_EPOCHS}",
+                "if epoch - KEEP_EPOCHS <= e < epoch}",
             ),
         ),
+    ),
+    Mutation(
+        "checkpoint-clears-recent-marks",
+        "a checkpoint clears the marks of regions written since the checkpoint before (eager "
+        "clearing: not a safety bug, but each write there then waits for a journal write again)",
+        "fusedisk/intent.py",
+        (("if e >= epoch - KEEP_EPOCHS}", "if e >= epoch}"),),
     ),
     Mutation(
         "fail-back-keeps-checkpoint",

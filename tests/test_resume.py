@@ -9,6 +9,7 @@ nothing else.  Recovery tests on real files: what is resumed and what is rolled 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from fusedisk import engine as engine_module
 from fusedisk import intent as intent_module
 from fusedisk import move as move_module
 from fusedisk.daemon import recover
@@ -160,6 +162,56 @@ async def test_a_checkpoint_marks_the_regions_written_while_it_flushed(
     assert checkpoints[0]["cursor"] == MiB and checkpoints[0]["marks"] == [0], checkpoints
 
 
+async def test_a_region_written_in_the_last_interval_stays_marked_and_is_recopied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Lazy clearing: a checkpoint keeps the mark of a region written since the checkpoint
+    before it (the guest will likely write it again: no journal write then), and clears it a
+    checkpoint later if the region was left alone.  Resumed from the record that kept it, the
+    move copies that region again (the write may be on one file only)."""
+    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)  # one per chunk (1 MiB)
+    monkeypatch.setattr(intent_module, "MIN_REGION", MiB)
+    data = random.Random(4).randbytes(8 * MiB)
+    src = MemoryFile("/src", data)
+    storage = MemoryStorage(src)
+    at_chunk_3, go_on = trio.Event(), trio.Event()
+
+    def on_copy_read(offset: int, length: int) -> None:
+        if offset == 3 * MiB:  # checkpoints at 1, 2 and 3 MiB are recorded
+            trio.from_thread.run_sync(at_chunk_3.set)
+            trio.from_thread.run(go_on.wait)
+
+    src.on_copy_read = on_copy_read
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.start_move("/dst", dest_timeout=0)
+        with trio.fail_after(WAIT):
+            await at_chunk_3.wait()
+        await disk.write(100, b"written once")  # region 0: marked before it is written
+        go_on.set()
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE, move.error
+    records = [r["checkpoint"] for r in storage.journal_history if "checkpoint" in r]
+    marks = {c["cursor"] // MiB: c["marks"] for c in records if c["cursor"] > 3 * MiB}
+    assert marks[4] == [0], "cleared although written since the checkpoint before"
+    assert marks[5] == [], "kept although left alone for a whole interval"
+    # The crash after the checkpoint at 4 MiB: the write on the source only.
+    kept = next(
+        r for r in storage.journal_history if r.get("checkpoint", {}).get("cursor") == 4 * MiB
+    )
+    src = MemoryFile("/src", bytes(src.data))
+    dst = MemoryFile("/dst", data[: 4 * MiB] + bytes(4 * MiB))
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, MemoryStorage(src, dst), nursery)
+        move = await disk.resume_move(kept, dest_timeout=0)
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE, move.error
+    assert move.copied_bytes == 5 * MiB  # region 0, and 4..8 MiB
+    assert dst.data == src.data
+
+
 async def test_a_mark_that_cannot_be_written_fails_the_move_back_first() -> None:
     """If the journal cannot take a mark, the move fails back; the write reaches the source
     (alone) only once the journal's record promises nothing (no checkpoint)."""
@@ -186,12 +238,43 @@ async def test_a_mark_that_cannot_be_written_fails_the_move_back_first() -> None
     assert "/dst" not in storage.files and not storage.journal
 
 
+async def test_a_truncate_growing_the_disk_far_during_a_checkpoint_is_marked_below_it() -> None:
+    """A truncate from 512 KiB to 1 TiB while a checkpoint at 8 MiB flushes: every region below
+    that cursor is marked (the truncate may not be durable on both files yet), and the growth
+    costs no work per region of the new size."""
+    intent = Intent(MemoryStorage(), {"source": "/src"}, MiB)
+
+    async def flush_both() -> None:
+        intent.written(MiB // 2, 1 << 40)
+
+    await intent.checkpoint(8 * MiB, flush_both)
+    assert intent.marks == set(range(8))
+    assert len(intent._written_in) <= intent_module.REGIONS
+
+
 async def test_intent_needs_no_mark_past_the_cursor_or_in_a_marked_region() -> None:
     intent = Intent(MemoryStorage(), {"source": "/src"}, MiB, cursor=4 * MiB, marks={1})
     assert not intent.must_mark(4 * MiB, 5 * MiB)
     assert not intent.must_mark(MiB, 2 * MiB)
     assert intent.must_mark(MiB, 2 * MiB + 1)  # spills into region 2
     assert intent.must_mark(0, 1)
+
+
+async def test_no_record_at_all_with_checkpoints_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FUSEDISK_CHECKPOINT_EVERY=inf, the benchmarks' knob: a move with no write-intent
+    record (no checkpoint, no mark) against which to measure the record's cost."""
+    monkeypatch.setattr(engine_module, "CHECKPOINT_EVERY", math.inf)
+    src = MemoryFile("/src", random.Random(3).randbytes(4 * MiB))
+    storage = MemoryStorage(src)
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.start_move("/dst", dest_timeout=0)
+        await disk.write(MiB, b"new!")
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.DONE and move.intent is None, move.error
+    assert not [r for r in storage.journal_history if "checkpoint" in r]
+    assert disk.primary.pread(4, MiB) == b"new!"
 
 
 # ---- recovery on real files -----------------------------------------------------------------
