@@ -57,8 +57,8 @@ class DestinationTimeout(OSError):
 
 
 class FileCall:
-    """A mirrored operation as data: one :class:`ImageFile` method and its arguments, so a
-    lane in another process can run it as well as a thread can."""
+    """A mirrored operation: one :class:`ImageFile` method and its arguments, applied to each
+    file alike (a plain value: what a worker runs can be read in a debugger or a log)."""
 
     __slots__ = ("args", "method")
 
