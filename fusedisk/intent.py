@@ -7,13 +7,14 @@ resuming safe: **every byte where the source's and the destination's durable con
 differ lies at or past the recorded cursor, or in a marked region.**  Resuming trusts the rest and
 copies only that.
 
-- A checkpoint (the copier's, every CHECKPOINT_EVERY seconds): note the cursor, start a new
-  epoch (each write notes the epoch it was made in), wait for the mirrored writes already
-  submitted, flush both files (all written before is now durably equal), then record the
-  cursor with the marks of the regions written in this epoch (during the flush: perhaps not
-  durable) or the one before (md's lazy clearing: a region the guest writes now will likely
-  be written again, and keeping its mark spares that write a journal write; a region left
-  alone for a whole interval is cleared, so a resume copies it no more).
+- A checkpoint (every CHECKPOINT_EVERY seconds, one at a time, while the copy goes on past its
+  cursor): note the copier's cursor, start a new epoch (each write notes the epoch it was made
+  in), wait for the mirrored writes already submitted, flush both files (all written before
+  is now durably equal), then record the cursor with the marks of the regions below it
+  written in this epoch (during the flush: perhaps not durable) or the one before (md's lazy
+  clearing: a region the guest writes now will likely be written again, and keeping its mark
+  spares that write a journal write; a region left alone for a whole interval is cleared, so
+  a resume copies it no more).
 - A guest write or truncate below the recorded cursor, in a region not durably marked, first
   marks it durably (one journal write serves every write that waits meanwhile), and only then
   touches either file.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -73,6 +75,7 @@ class Intent:
         self.dest_id: list[int] | None = None  # the destination's (st_dev, st_ino)
         self.records = 0  # journal writes (checkpoints and marks), for the status
         self.checkpoints = 0
+        self.checkpointing = False  # one checkpoint at a time
         self.withdrawn = False
         self.settled = trio.Event()  # failed back: the record promises nothing any more
 
@@ -118,21 +121,29 @@ class Intent:
             if self.must_mark(start, end):  # else a record written meanwhile has them
                 await self._write(self.cursor, self.marks | self._wanted)
 
-    async def checkpoint(self, cursor: int, flush_both: Any) -> None:
+    async def checkpoint(
+        self, cursor: int, flush_both: Any, started: Callable[[], None] = lambda: None
+    ) -> None:
         """Record ``cursor`` (the copier's: all below it is in sync) once ``flush_both()`` has
-        made both files durable, marking the regions below it written since the epoch before."""
+        made both files durable, marking the regions below it written since the epoch before.
+        ``started()`` once a new epoch has begun: the copier may go on from there."""
         self._upto = cursor
         self._epoch += 1  # writes from here on may not be durable once flush_both returns
         epoch = self._epoch
-        await flush_both()
-        async with self._lock:
-            if self.withdrawn:
-                raise OSError(errno.ECANCELED, "the move's intent record was withdrawn")
-            recent = {r: e for r, e in self._written_in.items() if e >= epoch - KEEP_EPOCHS}
-            self._written_in = recent  # (older epochs count no more)
-            last = -(-cursor // self.region)  # regions from here on are past the cursor
-            await self._write(cursor, {r for r in recent if r < last} | self._wanted)
-            self.checkpoints += 1
+        self.checkpointing = True
+        started()
+        try:
+            await flush_both()
+            async with self._lock:
+                if self.withdrawn:
+                    raise OSError(errno.ECANCELED, "the move's intent record was withdrawn")
+                recent = {r: e for r, e in self._written_in.items() if e >= epoch - KEEP_EPOCHS}
+                self._written_in = recent  # (older epochs count no more)
+                last = -(-cursor // self.region)  # regions from here on are past the cursor
+                await self._write(cursor, {r for r in recent if r < last} | self._wanted)
+                self.checkpoints += 1
+        finally:
+            self.checkpointing = False
         self.checkpointed = trio.current_time()
 
     async def withdraw(self) -> None:

@@ -30,6 +30,7 @@ from fusedisk.storage import marker_path
 
 if TYPE_CHECKING:
     from fusedisk.engine import Disk
+    from fusedisk.syncmap import SyncMap
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +243,26 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
     into a hole was mirrored, and a discard's whole pages are in the sync map.
     """
     move.step = "copying"
-    source, dest, syncmap = disk.primary, move.destination, disk.syncmap
+    dest, syncmap = move.destination, disk.syncmap
     assert dest is not None and syncmap is not None and move._resized is not None
     await dest.wait(move._resized)
+    # A checkpoint flushes both files while the copy goes on (this nursery waits for it at
+    # the end of the pass, before verify or the switch write the journal).
+    failed: OSError | trio.TooSlowError | None = None
+    async with trio.open_nursery() as checkpoints:
+        try:
+            await _copy_chunks(disk, move, dest, syncmap, checkpoints)
+        except (OSError, trio.TooSlowError) as e:  # raised outside: not in an ExceptionGroup
+            failed = e
+            checkpoints.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
+
+
+async def _copy_chunks(
+    disk: Disk, move: Move, dest: Destination, syncmap: SyncMap, checkpoints: trio.Nursery
+) -> None:
+    source = disk.primary
     unflushed = 0  # bytes copied since the last flush (a threaded destination's)
     data_end = 0  # the source holds data from the cursor to here (when the cursor is below)
     truncations = disk.truncations
@@ -291,8 +309,12 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
                 await dest.run(lambda f: f.fsync(True), "flush")
                 unflushed = 0
         intent = disk.intent
-        if intent is not None and trio.current_time() - intent.checkpointed >= CHECKPOINT_EVERY:
-            await _checkpoint(disk, move, dest)
+        if (
+            intent is not None
+            and not intent.checkpointing
+            and trio.current_time() - intent.checkpointed >= CHECKPOINT_EVERY
+        ):
+            await checkpoints.start(_checkpoint, disk, move, dest)
         await move._throttle(copied)  # the limit is on bytes copied, not on bytes skipped
         if copied and disk.io_count != guest_ops:
             # The guest is doing I/O: leave it the CPU for as long as the copy took (the
@@ -300,8 +322,11 @@ async def _copy_pass(disk: Disk, move: Move) -> None:
             await trio.sleep((trio.current_time() - chunk_started) * GIVE_WAY)
 
 
-async def _checkpoint(disk: Disk, move: Move, dest: Destination) -> None:
-    """Record in the journal that all below the cursor is durably in sync (fusedisk.intent)."""
+async def _checkpoint(
+    disk: Disk, move: Move, dest: Destination, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Record in the journal that all below the cursor is durably in sync (fusedisk.intent);
+    started once the writes from now on are told apart.  A failure fails the move back."""
     intent, source = disk.intent, disk.primary
     assert intent is not None
 
@@ -310,10 +335,13 @@ async def _checkpoint(disk: Disk, move: Move, dest: Destination) -> None:
         await dest.run(lambda f: f.fsync(True), "flush")
         await trio.to_thread.run_sync(source.fsync, True)
 
-    step, move.step = move.step, "checkpointing"
-    await intent.checkpoint(move.cursor, flush_both)
+    try:
+        await intent.checkpoint(move.cursor, flush_both, task_status.started)
+    except OSError as e:
+        disk.stop_mirroring()
+        move.fail(f"checkpointing: {e.strerror or e}")
+        return
     crash_point("checkpoint")
-    move.step = step
 
 
 def _writeback(offset: int, length: int, dest: ImageFile) -> None:
