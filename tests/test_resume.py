@@ -253,6 +253,32 @@ async def test_a_truncate_growing_the_disk_far_during_a_checkpoint_is_marked_bel
     assert len(intent._written_in) <= intent_module.REGIONS
 
 
+async def test_a_checkpoint_that_cannot_be_written_fails_the_move_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkpoint runs beside the copier; if its record cannot be written, the move fails
+    back (the source serves on, untouched) and says why."""
+    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    data = random.Random(5).randbytes(4 * MiB)
+    src = MemoryFile("/src", data)
+    storage = MemoryStorage(src)
+
+    def on_journal(record: dict[str, Any]) -> None:
+        if "checkpoint" in record:
+            raise OSError(28, "No space left on device")
+
+    storage.on_journal = on_journal
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.start_move("/dst", dest_timeout=0)
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+    assert move.phase is Phase.FAILED, move.error
+    assert "checkpointing: No space left on device" in (move.error or ""), move.error
+    assert disk.primary is src and src.data == data
+    assert "/dst" not in storage.files and not storage.journal
+
+
 async def test_intent_needs_no_mark_past_the_cursor_or_in_a_marked_region() -> None:
     intent = Intent(MemoryStorage(), {"source": "/src"}, MiB, cursor=4 * MiB, marks={1})
     assert not intent.must_mark(4 * MiB, 5 * MiB)
