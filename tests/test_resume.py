@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,30 @@ async def test_a_checkpoint_that_cannot_be_written_fails_the_move_back(
     assert "checkpointing: No space left on device" in (move.error or ""), move.error
     assert disk.primary is src and src.data == data
     assert "/dst" not in storage.files and not storage.journal
+
+
+async def test_a_checkpoint_whose_flush_misses_the_deadline_fails_the_move_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The destination hangs in the checkpoint's flush (its own task, beside the copier): the
+    deadline holds there too; the move fails back naming it, and nothing is logged as a crash
+    of the move task (an error leaving the checkpoint's task would be, as an exception group)."""
+    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    data = random.Random(6).randbytes(4 * MiB)
+    src = MemoryFile("/src", data)
+    storage = MemoryStorage(src)
+    released = threading.Event()
+    async with trio.open_nursery() as nursery:
+        disk = Disk(src, storage, nursery)
+        move = await disk.start_move("/dst", dest_timeout=0.2)
+        storage.files["/dst"].on_fsync = lambda: None if released.wait(WAIT) else None
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+        released.set()
+    assert move.phase is Phase.FAILED, move.error
+    assert "flush did not complete within 0.2 s" in (move.error or ""), move.error
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert disk.primary is src and src.data == data
 
 
 async def test_intent_needs_no_mark_past_the_cursor_or_in_a_marked_region() -> None:
