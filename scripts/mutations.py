@@ -113,8 +113,12 @@ MUTATIONS = [
         "fusedisk/engine.py",
         (
             (
-                'call = mirror.submit(operation, f"{what} {where}")',
-                'call = mirror.submit(lambda f: None, f"{what} {where}")',
+                'not refused:\n            call = mirror.submit(operation, f"{what} {where}")',
+                'not refused:\n            call = mirror.submit(lambda f: None, f"{what} {where}")',
+            ),
+            (
+                'None:\n            call = mirror.submit(operation, f"{what} {where}")',
+                'None:\n            call = mirror.submit(lambda f: None, f"{what} {where}")',
             ),
         ),
     ),
@@ -288,9 +292,8 @@ def scratch_copy(into: Path) -> None:
             shutil.copy2(REPO / name, into / name)
 
 
-def plant(tree: Path, mutation: Mutation) -> None:
-    path = tree / mutation.path
-    text = path.read_text()
+def planted(text: str, mutation: Mutation) -> str:
+    """``text`` with ``mutation``'s edits made; exits if one no longer applies."""
     for old, new in mutation.edits:
         if text.count(old) != 1:
             sys.exit(
@@ -298,7 +301,12 @@ def plant(tree: Path, mutation: Mutation) -> None:
                 f"{text.count(old)} times in {mutation.path}): update it with the code"
             )
         text = text.replace(old, new)
-    path.write_text(text)
+    return text
+
+
+def plant(tree: Path, mutation: Mutation) -> None:
+    path = tree / mutation.path
+    path.write_text(planted(path.read_text(), mutation))
 
 
 def run_tests(mutation: Mutation | None, pytest_args: list[str]) -> tuple[int, list[str], float]:
@@ -356,6 +364,8 @@ def main() -> int:
     if args.only and len(chosen) != len(args.only):
         known = ", ".join(m.name for m in MUTATIONS)
         sys.exit(f"mutations: unknown name in {args.only}; known: {known}")
+    for mutation in chosen:  # each still applies, checked before a long run, not during it
+        planted((REPO / mutation.path).read_text(), mutation)
     code, failed, elapsed = run_tests(None, pytest_args)
     if code != 0:
         sys.exit(f"mutations: the unchanged tree fails ({code}): {failed}; fix that first")
@@ -379,14 +389,14 @@ def main() -> int:
             f"({elapsed:.0f} s)",
             flush=True,
         )
+        Path(args.json).write_text(  # after each: a run cut short keeps what it found
+            json.dumps({"pytest_args": pytest_args, "results": results}, indent=1)
+        )
     print(f"\npytest {' '.join(pytest_args)}\n")
     print("| mutation | plants | caught by |\n|---|---|---|")
     for r in results:
         tests = "<br>".join(_grouped(r["caught_by"])) if r["caught"] else "**NOT CAUGHT**"
         print(f"| {r['mutation']} | {r['plants']} | {tests} |")
-    Path(args.json).write_text(
-        json.dumps({"pytest_args": pytest_args, "results": results}, indent=1)
-    )
     return 0 if all(r["caught"] for r in results) else 1
 
 

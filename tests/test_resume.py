@@ -294,7 +294,11 @@ async def test_a_checkpoint_whose_flush_misses_the_deadline_fails_the_move_back(
     async with trio.open_nursery() as nursery:
         disk = Disk(src, storage, nursery)
         move = await disk.start_move("/dst", dest_timeout=0.2)
-        storage.files["/dst"].on_fsync = lambda: None if released.wait(WAIT) else None
+
+        def stuck() -> None:
+            released.wait(WAIT)
+
+        storage.files["/dst"].on_fsync = stuck
         with trio.fail_after(WAIT):
             await move.finished_event.wait()
         released.set()
