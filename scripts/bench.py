@@ -105,12 +105,11 @@ def memory_options(p: argparse.ArgumentParser) -> None:
 def memory(args: argparse.Namespace) -> Result:
     """peak RSS and switch pause moving sparse images up to 64 TiB under a writer.
 
-    Move sparse images of each virtual size that hold --data MiB of random data (16 MiB extents
-    spread evenly) while fio writes 4 KiB at random offsets across the whole virtual size
-    (move's writer, without fio's random map): the daemon's peak RSS (VmHWM) before and after
-    the move, the switch pause, the move's time, and its single-pass accounting (copied + synced
-    by writes + holes = size). Sizes past the filesystem's limit (ext4: 16 TiB) need --dir on
-    tmpfs or xfs, like /dev/shm."""
+    A sparse image of each of --sizes holding --data MiB in 16 MiB extents spread evenly, moved
+    while fio writes 4 KiB at random offsets across all of it (without fio's random map): the
+    daemon's peak RSS (VmHWM) before and after, the switch pause, and the move's single-pass
+    accounting (copied + synced by writes + holes = size). Sizes past the filesystem's limit
+    (ext4: 16 TiB) need --dir on tmpfs or xfs, like /dev/shm."""
     table = Table(
         f"Moving a sparse image holding {args.data} MiB of data while fio writes 4 KiB at "
         "random offsets across the whole disk (QD16): the daemon's peak RSS, the switch pause",

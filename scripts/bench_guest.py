@@ -12,7 +12,7 @@ from pathlib import Path
 
 import benchlib as bl
 import guest
-from benchlib import JOBS, MiB, Result, Run, Table, fmt
+from benchlib import JOBS, MiB, Result, Run, Table
 
 from fusedisk.units import parse_size
 
@@ -224,8 +224,7 @@ def tables(args: argparse.Namespace, runs: dict[str, list[Run]]) -> list[Table]:
         ratios = [bl.compare(fd, figures(n, job)) for n in peers]
         ratios.append(bl.compare(figures("qsd-move", job), figures("qsd-nbd", job)))
         target = bl.verdict(ratios[0][0], 0.5) if job.rw == "randwrite" and job.bs == "4k" else ""
-        digits = 0 if job.metric == "iops" else 1
-        cells = [fmt(bl.median(figures(n, job)), digits) for n in MOVING]
+        cells = [job.median(figures(n, job)) for n in MOVING]
         moving.add(job.name, *cells, *(r[1] for r in ratios), target)
     moves = Table(
         "Moves (fusedisk's progress is its copy cursor, qsd's counts mirrored writes too; qsd's "

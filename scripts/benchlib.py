@@ -467,6 +467,10 @@ class Job:
     def metric(self) -> str:  # what the job is judged on
         return "iops" if self.bs == "4k" else "mibs"
 
+    def median(self, values: list[float]) -> str:
+        """The median of a contender's values of ``metric``, as a table shows it."""
+        return fmt(median(values), 0 if self.metric == "iops" else 1)
+
     def args(self, filename: str | Path) -> list[str]:
         return [
             *(f"--name={self.name}", f"--filename={filename}", f"--rw={self.rw}"),
@@ -691,9 +695,7 @@ def idle_table(
     header = ["job", *names, "fusedisk/floor", "fusedisk/qsd", "fusedisk/raw"]
     table = Table(title, [*header, "fusedisk >= 0.9 floor", "fusedisk >= 0.7 qsd (4k write)"])
     for job in jobs:
-        cells = [
-            fmt(median(figures(name, job)), 0 if job.metric == "iops" else 1) for name in names
-        ]
+        cells = [job.median(figures(name, job)) for name in names]
         fd = figures("fusedisk", job)
         floor, qsd, raw = (compare(fd, figures(name, job)) for name in ("floor", "qsd", "raw"))
         write = verdict(qsd[0], 0.7) if job.rw == "randwrite" and job.bs == "4k" else ""
