@@ -192,14 +192,9 @@ class Served:
 
 def run(*command: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
     """``command``'s stdout, or RuntimeError with the end of its stderr; ``env`` added to ours."""
-    argv = list(map(str, command))
+    argv, environ = list(map(str, command)), None if env is None else os.environ | env
     r = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env=None if env is None else os.environ | env,
+        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=environ
     )
     if r.returncode:
         raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()[-2000:]}")
