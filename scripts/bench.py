@@ -15,14 +15,12 @@ import argparse
 import inspect
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import bench_guest
 import bench_move
@@ -32,58 +30,38 @@ from benchlib import CONTENDERS, JOBS, MiB, Result, Run, Table
 
 from fusedisk.units import parse_size
 
-FUSECTL = Path("/sys/fs/fuse/connections")
-
 
 def datapath_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", type=float, default=10, help="s per job (%(default)s)")
-    p.add_argument("--ramp", type=float, default=1, help="fio ramp_time (%(default)s)")
+    bl.fio_options(p, runtime=10)
     bl.contenders_option(p, ("raw", "floor", "fusedisk", "qsd", "floor-mirror"), 4)
     p.add_argument("--jobs", default=",".join(j.name for j in JOBS), help="%(default)s")
-    p.add_argument("--profile", type=Path, metavar="DIR", help="afterwards, py-spy fusedisk")
-    p.add_argument("--native", action="store_true", help="py-spy C frames too (pauses it)")
 
 
 def datapath(args: argparse.Namespace) -> Result:
     """fio on the host against each contender, one mount each.
 
     fio (libaio, O_DIRECT) on each contender's file, all served at once; each repetition runs
-    every job on every contender in turn. A contender such as
-    fusedisk@max_background=64+congestion_threshold=48 has those FUSE connection tunables set
-    through fusectl, and is shown against the plain one."""
+    every job on every contender in turn."""
     jobs = [j for j in JOBS if j.name in args.jobs.split(",")]
-    served: dict[str, bl.Served] = {}
     with ExitStack() as stack:
-        for i, spec in enumerate(args.contenders):
-            name, _, tunables = spec.partition("@")
-            image = args.dir / f"c{i}-{name}.img"
-            served[spec] = bl.prepare(stack, name, image, args.size * MiB)[0]
-            if tunables:
-                set_tunables(stack, served[spec].file, tunables)
+        served = {
+            name: bl.prepare(stack, name, args.dir / f"c{i}-{name}.img", args.size * MiB)[0]
+            for i, name in enumerate(args.contenders)
+        }
 
         def one(entry: str) -> Run:  # "JOB CONTENDER"
             job, name = entry.split()
             return fio_job(args, next(j for j in jobs if j.name == job), served[name])
 
-        def describe(r: Run) -> str:
-            return f"{r['iops']:.0f} IOPS, {r['mibs']:.1f} MiB/s, p99 {r['p99_ms']:.2f} ms"
-
         plan = [f"{job.name} {name}" for job in jobs for name in args.contenders]
-        runs = bl.interleave(args.reps, plan, one, describe)
-        profiles: dict[str, Any] = {}
-        for job in jobs if args.profile and "fusedisk" in served else []:
-            raw = args.profile / f"datapath-{job.name}.pyspy.txt"
-            with bl.profiled(served["fusedisk"].pid, raw, args.native) as profiles[job.name]:
-                figures = fio_job(args, job, served["fusedisk"])
-            profiles[job.name]["fio_under_profiler"] = figures
+        runs = bl.interleave(args.reps, plan, one)
 
     def metric(name: str, job: bl.Job) -> list[float]:
         return bl.values(runs.get(f"{job.name} {name}", []), job.metric)
 
     main = bl.idle_table(
         f"Data path: fio libaio direct=1, {args.size} MiB images, {args.runtime:g} s + "
-        f"{args.ramp:g} s ramp, medians of {args.reps} (IOPS for 4 KiB, MiB/s for 1 MiB; "
-        "a tuned contender's ratio to the plain one in brackets)",
+        f"{args.ramp:g} s ramp, medians of {args.reps} (IOPS for 4 KiB, MiB/s for 1 MiB)",
         args.contenders,
         jobs,
         metric,
@@ -97,8 +75,7 @@ def datapath(args: argparse.Namespace) -> Result:
     for job in jobs:
         for name in args.contenders:
             cpu.add(job.name, name, *(bl.med(runs[f"{job.name} {name}"], key) for key in keys))
-    profile_tables = [bl.profile_table(f"fusedisk during {j}", p) for j, p in profiles.items()]
-    return [main, cpu, *profile_tables], {"runs": runs, "profiles": profiles}
+    return [main, cpu], {"runs": runs}
 
 
 def fio_job(args: argparse.Namespace, job: bl.Job, served: bl.Served) -> Run:
@@ -119,17 +96,6 @@ def fio_job(args: argparse.Namespace, job: bl.Job, served: bl.Served) -> Run:
     return figures
 
 
-def set_tunables(stack: ExitStack, file: Path, tunables: str) -> None:
-    if not bl.is_mounted(FUSECTL):
-        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=True)
-        bl.on_exit(stack, "umount fusectl", subprocess.run, ["umount", str(FUSECTL)])
-    connection = FUSECTL / str(os.stat(file).st_dev)
-    for item in tunables.split("+"):
-        key, _, number = item.partition("=")
-        bl.log(f"{file}: {key} {(connection / key).read_text().strip()} -> {number}")
-        (connection / key).write_text(f"{int(number)}\n")
-
-
 def memory_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(reps=1)  # each size once; --size is not used
     p.add_argument("--sizes", nargs="+", default=["1G", "1T", "64T"], help="%(default)s")
@@ -139,12 +105,11 @@ def memory_options(p: argparse.ArgumentParser) -> None:
 def memory(args: argparse.Namespace) -> Result:
     """peak RSS and switch pause moving sparse images up to 64 TiB under a writer.
 
-    Move sparse images of each virtual size that hold --data MiB of random data (16 MiB extents
-    spread evenly) while fio writes 4 KiB at random offsets across the whole virtual size
-    (move's writer, without fio's random map): the daemon's peak RSS (VmHWM) before and after
-    the move, the switch pause, the move's time, and its single-pass accounting (copied + synced
-    by writes + holes = size). Sizes past the filesystem's limit (ext4: 16 TiB) need --dir on
-    tmpfs or xfs, like /dev/shm."""
+    A sparse image of each of --sizes holding --data MiB in 16 MiB extents spread evenly, moved
+    while fio writes 4 KiB at random offsets across all of it (without fio's random map): the
+    daemon's peak RSS (VmHWM) before and after, the switch pause, and the move's single-pass
+    accounting (copied + synced by writes + holes = size). Sizes past the filesystem's limit
+    (ext4: 16 TiB) need --dir on tmpfs or xfs, like /dev/shm."""
     table = Table(
         f"Moving a sparse image holding {args.data} MiB of data while fio writes 4 KiB at "
         "random offsets across the whole disk (QD16): the daemon's peak RSS, the switch pause",
@@ -155,15 +120,15 @@ def memory(args: argparse.Namespace) -> Result:
         ],
     )
     runs: dict[str, Run] = {}
+    data = args.data * MiB
     for size in args.sizes:
         with ExitStack() as stack:
-            image = bl.scratch(stack, args.dir / f"rss-{size}.img")
-            bl.make_sparse(image, parse_size(size), args.data * MiB)
-            served = bl.serve_fusedisk(stack, image)
+            image, dest = args.dir / f"rss-{size}.img", args.dir / f"rss-{size}.dest"
+            served, move = bl.prepare(stack, "fusedisk-move", image, parse_size(size), dest, data)
+            assert move is not None
             before = peak_rss_kib(served.pid)
             prefix = args.dir / f"rss-{size}-writer"
             writer = bl.Writer(stack, served, prefix, ["--norandommap=1"])
-            move = bl.FusediskMove(stack, served, args.dir / f"rss-{size}.dest", 0)
             started = time.time()
             move.start(0)
             r = move.wait()
@@ -203,12 +168,12 @@ def convert(args: argparse.Namespace) -> Result:
     extents spread evenly, one image per contender) from each contender's file to a new file
     beside it: seconds per conversion. Only where SEEK_DATA/SEEK_HOLE pass through does it read
     the data alone; elsewhere it reads the whole virtual size."""
+    size, data = args.size * MiB, args.data * MiB
     with ExitStack() as stack:
-        files = {}
-        for i, name in enumerate(args.contenders):
-            image = bl.scratch(stack, args.dir / f"c{i}-{name}.img")
-            bl.make_sparse(image, args.size * MiB, args.data * MiB)  # its data stays cached
-            files[name] = CONTENDERS[name].serve(stack, image).file
+        files = {  # sparse images, whose data stays cached
+            name: bl.prepare(stack, name, args.dir / f"c{i}-{name}.img", size, data=data)[0].file
+            for i, name in enumerate(args.contenders)
+        }
         out = bl.scratch(stack, args.dir / "converted.img")
 
         def one(name: str) -> Run:
@@ -218,7 +183,7 @@ def convert(args: argparse.Namespace) -> Result:
             bl.run("qemu-img", "convert", "-f", "raw", "-O", "raw", files[name], out, timeout=3600)
             return {"seconds": time.monotonic() - started, "allocated": out.stat().st_blocks * 512}
 
-        runs = bl.interleave(args.reps, args.contenders, one, lambda r: f"{r['seconds']:.2f} s")
+        runs = bl.interleave(args.reps, args.contenders, one)
     table = Table(
         f"qemu-img convert -O raw of a {args.size} MiB raw image holding {args.data} MiB of data "
         f"(16 MiB extents), seconds, medians of {args.reps} (per-repetition ratios in brackets)",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import benchlib as bl
 import guest
-from benchlib import JOBS, MiB, Result, Run, Table, fmt
+from benchlib import JOBS, MiB, Result, Run, Table
 
 from fusedisk.units import parse_size
 
@@ -25,8 +25,7 @@ EDGE_S = 0.3  # trimmed off each end of a job's window for the CPU figures
 
 def options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(reps=2)
-    p.add_argument("--runtime", type=float, default=8, help="s per job (%(default)s)")
-    p.add_argument("--ramp", type=float, default=1, help="fio ramp_time (%(default)s)")
+    bl.fio_options(p, runtime=8)
     bl.contenders_option(p, IDLE + MOVING, len(IDLE + MOVING))
     p.add_argument("--span", type=int, default=50, help="%% of the disk fio uses (%(default)s)")
     p.add_argument("--rate", default="auto", help="move rate, like 10M (auto: see above)")
@@ -37,31 +36,24 @@ def options(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Result:
     """fio inside a QEMU guest on each contender, idle and during a move.
 
-    One boot per contender per repetition, on a fresh non-sparse image the contender serves as
-    the guest's disk (`-drive ...,if=virtio,cache=none,aio=threads`; scripts/guest.py's guest).
-    Each boot runs the four data-path jobs in turn (--stonewall) on the first --span % of the
-    disk. qsd-nbd and qsd-move go through QEMU's NBD client (qemu-storage-daemon 7.2 cannot
-    mirror a node under a writable FUSE export), so qsd-move's moving/idle is against qsd-nbd.
-    fusedisk-move and qsd-move start moving when fio's first job starts (a marker on the
-    guest's console), at --rate; both skip blocks the guest rewrote whole, so the default (auto)
-    is the part of the image fio never touches over fio's run plus 15 s: the moves outlast fio
-    (each says whether it did); then the limit is lifted and the move completed. Every 0.1 s a
-    sampler reads the CPU time of QEMU's vCPU thread, of QEMU, of the serving daemon and of the
-    machine, for each job's measured window: a vCPU busy near 1.0 means the emulated CPU, not
+    One boot per contender per repetition (scripts/guest.py's guest), its disk a fresh
+    non-sparse image the contender serves (virtio, cache=none, aio=threads), running the four
+    data-path jobs in turn on the first --span % of it. qsd-nbd and qsd-move go through QEMU's
+    NBD client (qemu-storage-daemon 7.2 cannot mirror a node under a writable FUSE export).
+    The moves start with fio's first job, at --rate; auto: the part of the image fio never
+    touches over fio's run plus 15 s, so that they outlast fio (each says whether it did); then
+    the limit is lifted. A sampler reads the CPU time of QEMU's vCPU thread, of QEMU, of the
+    daemon and of the machine over each job: a vCPU busy near 1.0 means the emulated CPU, not
     the disk, sets the pace."""
     fio_s = len(JOBS) * (args.runtime + args.ramp)
     untouched = args.size * (100 - args.span) / 100 or args.size
     auto = max(1, int(untouched / (fio_s + 15))) * MiB
     args.rate_bytes = auto if args.rate == "auto" else parse_size(args.rate)
-    boots = args.reps * len(args.contenders)
-    bl.log(f"{boots} boots of ~{fio_s + 12:.0f} s; moves at {args.rate_bytes / MiB:g} MiB/s")
     image = guest.build_guest()
     with ExitStack() as stack:
         dummy = bl.scratch(stack, args.dir / "dummy-vda.img")  # the NBD contenders' /dev/vda
         dummy.write_bytes(bytes(MiB))
-        runs = bl.interleave(
-            args.reps, args.contenders, lambda n: boot(args, image, n, dummy), describe
-        )
+        runs = bl.interleave(args.reps, args.contenders, lambda n: boot(args, image, n, dummy))
     return tables(args, runs), {"runs": runs}
 
 
@@ -133,15 +125,6 @@ def fio_args(args: argparse.Namespace, device: str) -> list[str]:
         fio += [*job.args(device), *(["--stonewall"] if i else [])]
         fio.append(f"--exec_prerun=printf '\\n{MARK}{job.name}\\n' >/dev/ttyS0; true")
     return fio
-
-
-def describe(r: Run) -> str:
-    text = ", ".join(f"{j.name.split('-')[1]} {r['jobs'][j.name][j.metric]:.0f}" for j in JOBS)
-    if "move" in r:
-        m = r["move"]
-        text += f"; move overlapped fio {m['overlapped_whole_fio_run']}"
-        text += f", pause {m['switch_pause_ms']} ms"
-    return f"{text}; boot {r['boot_s']} s"
 
 
 class Sampler(threading.Thread):
@@ -241,8 +224,7 @@ def tables(args: argparse.Namespace, runs: dict[str, list[Run]]) -> list[Table]:
         ratios = [bl.compare(fd, figures(n, job)) for n in peers]
         ratios.append(bl.compare(figures("qsd-move", job), figures("qsd-nbd", job)))
         target = bl.verdict(ratios[0][0], 0.5) if job.rw == "randwrite" and job.bs == "4k" else ""
-        digits = 0 if job.metric == "iops" else 1
-        cells = [fmt(bl.median(figures(n, job)), digits) for n in MOVING]
+        cells = [job.median(figures(n, job)) for n in MOVING]
         moving.add(job.name, *cells, *(r[1] for r in ratios), target)
     moves = Table(
         "Moves (fusedisk's progress is its copy cursor, qsd's counts mirrored writes too; qsd's "

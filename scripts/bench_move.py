@@ -18,7 +18,6 @@ from fusedisk.units import parse_size
 SCENARIOS = {
     "idle": ("cp", "fusedisk-move", "fusedisk-move-deadline", "qsd-move"),
     "load": ("fusedisk-move", "fusedisk-move-deadline", "qsd-move", "floor", "floor-mirror"),
-    "split": ("fusedisk-move",),
 }
 LABELS = {  # table columns
     "fusedisk-move": "fusedisk",
@@ -30,38 +29,28 @@ LABELS = {  # table columns
 
 
 def options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scenarios", default="idle,load", help="idle, load, split (%(default)s)")
+    p.add_argument("--scenarios", default="idle,load", help="idle, load (%(default)s)")
     p.add_argument("--before", type=float, default=5, help="writer s before the move (5)")
     p.add_argument("--after", type=float, default=5, help="writer s after the move (5)")
     p.add_argument("--ramp", type=float, default=1.5, help="writer warm-up s, not counted (1.5)")
     p.add_argument("--rate", default="0", help="copy rate limit of the movers, like 200M")
     p.add_argument("--remote", action="store_true", help="move to sshfs from a private sshd")
-    p.add_argument("--profile", type=Path, metavar="DIR", help="afterwards, py-spy fusedisk")
-    p.add_argument("--native", action="store_true", help="py-spy C frames too (pauses it)")
 
 
 def run(args: argparse.Namespace) -> Result:
     """live moves, idle and under a writer, against cp, qsd and the floors.
 
-    Each contender on a fresh non-sparse image; each repetition runs every scenario's in turn:
-      idle   cp (then fdatasync, then rm and a directory fsync, each timed); fusedisk-move
-             (`fusedisk migrate`: to a local filesystem, the destination written inline);
-             fusedisk-move-deadline (--dest-timeout 1: worker threads and a deadline, the
-             default on network filesystems); qsd-move (blockdev-mirror, then job-complete)
-      load   the same moves while fio writes 4 KiB at random, QD16, through the contender; and
-             floor and floor-mirror under the same writer with no move: the floors it is judged
-             against (their "during" window is --before s long)
-      split  fusedisk-move under the writer: --before s mirroring with the copier held to
-             1 MiB/s, then copying flat out: where the writer's loss comes from
-    qsd-move serves its image through an NBD export (qemu-storage-daemon 7.2 cannot mirror a
-    node under a writable FUSE export: the export takes the RESIZE permission), and its writer
-    uses fio's nbd engine. The writer logs every write in Unix time, so its figures split
-    exactly at the move's own start and end (fusedisk: the daemon's `started`/`finished`; qsd:
-    the mirror command and BLOCK_JOB_COMPLETED's timestamp). fusedisk's switch pause is measured
-    in the daemon; qsd's is job-complete sent -> BLOCK_JOB_COMPLETED, an upper bound. --remote
-    moves (and cp) to sshfs from a private sshd on 127.0.0.1 (tests/remote.py's fixture; its
-    files on the same local disk, behind ssh and SFTP); the floors stay in --dir. --profile DIR
-    then runs one more fusedisk move per scenario under py-spy."""
+    Each contender on a fresh non-sparse image; each repetition runs every scenario's in turn.
+    idle: cp (then fdatasync, then rm and a directory fsync, each timed); fusedisk-move
+    (`fusedisk migrate` to a local file: written inline); fusedisk-move-deadline (--dest-timeout
+    1: worker threads and a deadline, as on network filesystems); qsd-move (blockdev-mirror).
+    load: the same moves while fio writes 4 KiB at random, QD16, through the contender, and
+    floor and floor-mirror under that writer with no move (their "during" is --before s long).
+    qsd-move serves through an NBD export (qemu-storage-daemon 7.2 cannot mirror a node under a
+    writable FUSE export), its writer through fio's nbd engine. The writer's log splits exactly
+    at each move's own start and end; qsd's switch pause is job-complete -> BLOCK_JOB_COMPLETED,
+    an upper bound. --remote moves (and cp) to sshfs from a private sshd on 127.0.0.1
+    (tests/remote.py's fixture)."""
     args.rate_bytes, scenarios = parse_size(args.rate), args.scenarios.split(",")
     if not set(scenarios) <= SCENARIOS.keys():
         raise SystemExit(f"bench: the scenarios are {', '.join(SCENARIOS)}")
@@ -70,19 +59,11 @@ def run(args: argparse.Namespace) -> Result:
     where = "to sshfs from a private sshd on 127.0.0.1" if args.remote else "to --dir"
     with ExitStack() as stack:  # the remote, if any, for the whole run
         args.dest = bl.sshfs_destination(stack, args.dir / "remote") if args.remote else args.dir
-        runs = bl.interleave(args.reps, plan, lambda entry: one(args, entry), describe)
-        profiles = {}
-        for scenario in ("idle", "load") if args.profile else ():
-            if f"{scenario} fusedisk-move" in plan:
-                raw = args.profile / f"move-{scenario}.pyspy.txt"
-                profiles[scenario] = one(args, f"{scenario} fusedisk-move", raw)
-                bl.log(f"under py-spy: {describe(profiles[scenario])}")
-    tables = [*idle_tables(runs, where), *load_tables(runs, where), *split_tables(runs)]
-    tables += [bl.profile_table(f"one more {s} move", p["profile"]) for s, p in profiles.items()]
-    return tables, {"runs": runs, "profiles": profiles}
+        runs = bl.interleave(args.reps, plan, lambda entry: one(args, entry))
+    return [*idle_tables(runs, where), *load_tables(runs, where)], {"runs": runs}
 
 
-def one(args: argparse.Namespace, entry: str, profile: Path | None = None) -> Run:
+def one(args: argparse.Namespace, entry: str) -> Run:
     """One contender in one scenario (``entry``: "SCENARIO NAME"), from a fresh image to
     everything removed."""
     scenario, name = entry.split()
@@ -94,30 +75,20 @@ def one(args: argparse.Namespace, entry: str, profile: Path | None = None) -> Ru
         served, move = bl.prepare(stack, name, image, args.size * MiB, dest)
         writer = None if scenario == "idle" else bl.Writer(stack, served, image.with_suffix(""))
         time.sleep(0 if writer is None else args.ramp + args.before)
-        with bl.profiled(served.pid, profile, args.native) as profiled:
-            r: Run = {"started": time.time()}
-            if move is None:  # a floor: the same writer, no move
-                time.sleep(args.before)
-                r["finished"] = time.time()
-            else:
-                move.start(MiB if scenario == "split" else args.rate_bytes)
-                if scenario == "split":  # --before s of mirroring alone, then copying flat out
-                    time.sleep(args.before)
-                    r["copying"] = time.time()
-                    move.set_rate(0)
-                r |= move.wait()  # with the move's own start and end
+        r: Run = {"started": time.time()}
+        if move is None:  # a floor: the same writer, no move
+            time.sleep(args.before)
+            r["finished"] = time.time()
+        else:
+            move.start(args.rate_bytes)
+            r |= move.wait()  # with the move's own start and end
         if writer is not None:
             time.sleep(args.after)
-            phases = {"during": r["started"]}
-            if scenario == "split":
-                phases = {"mirroring": r["started"], "copying": r["copying"]}
-            edges = {"before": writer.started + args.ramp, **phases, "after": r["finished"]}
-            r["writer"] = writer.stop(edges)
+            edges = {"before": writer.started + args.ramp, "during": r["started"]}
+            r["writer"] = writer.stop(edges | {"after": r["finished"]})
             if move is not None:  # the switch is its last step but the source's deletion
                 last_second = writer.window(r["finished"] - 1, r["finished"] + 0.1)
                 r["worst_ms_last_1s_of_move"] = last_second["max_ms"]
-        if profiled:
-            r["profile"] = profiled
         return r
 
 
@@ -145,15 +116,6 @@ def sync(path: Path, how: Callable[[int], None]) -> None:
         how(fd)
     finally:
         os.close(fd)
-
-
-def describe(r: Run) -> str:
-    if "cp_s" in r:
-        return f"cp {r['cp_s']} s, +fdatasync {r['cp_fdatasync_s']}, +rm {r['cp_fdatasync_rm_s']}"
-    text = f"move {r['move_s']} s, pause {r['switch_pause_ms']} ms" if "move_s" in r else "no move"
-    if "writer" in r:
-        text += "; writer IOPS " + ", ".join(f"{k} {w['iops']}" for k, w in r["writer"].items())
-    return text
 
 
 def idle_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
@@ -238,18 +200,3 @@ def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
     }.items():
         v.target(label, bl.med(fd, *path), bl.med(qsd, *path), at_most=True)
     return [t, v]
-
-
-def split_tables(runs: dict[str, list[Run]]) -> list[Table]:
-    rs = runs.get("split fusedisk-move", [])
-    t = Table(
-        "fusedisk, the writer by phase of the move: mirroring with the copier at 1 MiB/s, then "
-        "copying flat out (medians)",
-        ["window", "writer IOPS", "/ before", "p99 (ms)", "max (ms)"],
-    )
-    before = bl.values(rs, "writer", "before", "iops")
-    for w in ("before", "mirroring", "copying", "after"):
-        figures = [bl.med(rs, "writer", w, k) for k in ("iops", "p99_ms", "max_ms")]
-        ratio = bl.compare(bl.values(rs, "writer", w, "iops"), before)[1]
-        t.add(w, fmt(figures[0], 0), ratio, *figures[1:])
-    return [t] if rs else []

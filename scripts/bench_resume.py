@@ -1,21 +1,5 @@
-"""The write-intent record's two benchmarks (issue 9), run by `scripts/bench.py intent|resume`.
-
-  intent  what the record costs the guest: 4 KiB random-write IOPS during a move with the record
-          (fusedisk-move) and without it (fusedisk-move-norecord), the two interleaved in each
-          repetition, on a sparse image of each --sizes holding --data MiB in 16 MiB extents
-          spread over it (as `memory`), the copy throttled to --rate so both moves last alike.
-  resume  a --size MiB image moved at --rate under a writer; once the copy passes --kill-at of
-          the image, SIGKILL the daemon (and the writer: the VM's disk is gone), clear the stale
-          mount, mount again (the move resumes), let it finish flat out with no writer, and
-          report how much of the image the resumed move copied (target <= 0.2).
-
-Writers (--writers): fio, 4 KiB random writes, iodepth 16, libaio O_DIRECT through the mount.
-  uniform  at full speed, uniformly over the whole disk: the worst case for the record (it
-           writes every region between two checkpoints)
-  vm       a busy VM as the record sees it: 200 writes/s, 90 % of them into a hot 10 % of the
-           disk, 10 % into the next 20 %, none into the rest (fio's zoned distribution; why
-           this one: docs/benchmarks.md §6)
-"""
+"""`scripts/bench.py intent|resume`: the write-intent record's cost, and what a resumed move
+copies (issue 9)."""
 
 from __future__ import annotations
 
@@ -26,14 +10,17 @@ import signal
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import benchlib as bl
-from benchlib import CONTENDERS, MiB, Run, Table
+from benchlib import MiB, Result, Run, Table
 
 from fusedisk.storage import journal_path, marker_path
 from fusedisk.units import parse_size
 
+# fio, 4 KiB random writes, QD16, libaio O_DIRECT through the mount. uniform: flat out over the
+# whole disk, the worst case for the record (it marks every region between two checkpoints). vm:
+# a busy VM as the record sees it, 200 writes/s, 90 % into a hot 10 % of the disk, 10 % into the
+# next 20 %, none into the rest.
 WRITERS = {
     "uniform": ["--norandommap=1"],
     "vm": ["--norandommap=1", "--rate_iops=200", "--random_distribution=zoned:90/10:10/20:0/70"],
@@ -60,21 +47,21 @@ def resume_options(p: argparse.ArgumentParser) -> None:
 
 def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", default="40M", help="the move's copy rate limit (%(default)s)")
-    p.add_argument("--writers", default="uniform,vm", help="%(default)s (see above)")
+    p.add_argument("--writers", default="uniform,vm", help="%(default)s")
     p.add_argument("--ramp", type=float, default=1.5, help="writer warm-up s (%(default)s)")
 
 
-# ---- intent: the record's cost ------------------------------------------------------------------
+def cost(args: argparse.Namespace) -> Result:
+    """the writer's IOPS during a move with the write-intent record and without it.
 
-
-def cost(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
-    """The writer's IOPS during a move with the write-intent record and without it (contender
-    fusedisk-move-norecord: FUSEDISK_CHECKPOINT_EVERY=inf), interleaved; target: with / without
-    >= 0.9.  Also each daemon's journal writes (checkpoints and mark batches)."""
+    fusedisk-move and fusedisk-move-norecord (FUSEDISK_CHECKPOINT_EVERY=inf), interleaved, on a
+    sparse image of each --sizes holding --data MiB in 16 MiB extents, the copy at --rate, under
+    each of --writers (uniform, vm); target: with / without >= 0.9. Also each daemon's journal
+    writes (checkpoints and mark batches)."""
     args.rate_bytes = parse_size(args.rate)
     cases = [(size, w) for size in args.sizes for w in args.writers.split(",")]
     plan = [f"{size} {w} {name}" for size, w in cases for name in PAIR]
-    runs = bl.interleave(args.reps, plan, lambda entry: _cost_run(args, entry), _describe)
+    runs = bl.interleave(args.reps, plan, lambda entry: _cost_run(args, entry))
     table = Table(
         f"4 KiB random-write IOPS during a move with and without the write-intent record "
         f"(sparse images holding {args.data} MiB, copy at {args.rate}/s"
@@ -107,13 +94,10 @@ def cost(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
 
 def _cost_run(args: argparse.Namespace, entry: str) -> Run:
     size, writer, name = entry.split()
-    contender = CONTENDERS[name]
-    assert contender.mover is not None
     with ExitStack() as stack:
-        image = bl.scratch(stack, args.dir / f"intent-{name}.img")
-        bl.make_sparse(image, parse_size(size), args.data * MiB)
-        served = contender.serve(stack, image)
-        move = contender.mover(stack, served, args.dir / f"intent-{name}.dest", 0)
+        image, dest = args.dir / f"intent-{name}.img", args.dir / f"intent-{name}.dest"
+        served, move = bl.prepare(stack, name, image, parse_size(size), dest, args.data * MiB)
+        assert move is not None
         os.sync()
         fio = bl.Writer(stack, served, image.with_suffix(""), WRITERS[writer])
         time.sleep(args.ramp + args.before)
@@ -122,34 +106,27 @@ def _cost_run(args: argparse.Namespace, entry: str) -> Run:
             r: Run = {"started": time.time()}
             time.sleep(args.window)
             r["finished"] = time.time()
-            status = _status(served.file.parent)
+            status = bl.status(served.file.parent)
             bl.fusedisk("cancel", served.file.parent)
         else:
             r = move.wait()
-            status = _status(served.file.parent)
+            status = bl.status(served.file.parent)
         edges = {"before": fio.started + args.ramp, "during": r["started"]}
         r["writer"] = fio.stop(edges | {"after": r["finished"]})
         r |= {key: status.get(key) for key in ("checkpoints", "intent_records")}
     return r
 
 
-def _describe(r: Run) -> str:
-    w = r["writer"]
-    return (
-        f"move {r.get('move_s', '-')} s, writer IOPS before {w['before']['iops']}, during "
-        f"{w['during']['iops']}; {r['checkpoints']} checkpoints, {r['intent_records']} records"
-    )
+def resume(args: argparse.Namespace) -> Result:
+    """what a move resumed after a crash copies.
 
-
-# ---- resume: what a resumed move copies -------------------------------------------------------
-
-
-def resume(args: argparse.Namespace) -> tuple[list[Table], dict[str, Any]]:
-    """Kill the daemon at --kill-at of a move under each writer, mount again: how much of the
-    image the resumed move copies (target <= 0.2), and what the checkpoint it resumed from held."""
+    A --size MiB image moved at --rate under each of --writers; once the copy passes --kill-at,
+    SIGKILL the daemon and the writer, mount again (the move resumes) and let it finish flat
+    out: how much of the image the resumed move copied (target <= 0.2), and what the checkpoint
+    it resumed from held."""
     args.rate_bytes = parse_size(args.rate)
     writers = args.writers.split(",")
-    runs = bl.interleave(args.reps, writers, lambda w: _resume_run(args, w), _describe_resume)
+    runs = bl.interleave(args.reps, writers, lambda w: _resume_run(args, w))
     table = Table(
         f"SIGKILL at {args.kill_at:g} of a {args.size} MiB move at {args.rate}/s under a writer"
         + (f" (FUSEDISK_GIVE_WAY={args.give_way})" if args.give_way else "")
@@ -188,15 +165,12 @@ def _resume_run(args: argparse.Namespace, writer: str) -> Run:
         env = {"FUSEDISK_GIVE_WAY": args.give_way} if args.give_way else None
         served = bl.serve_fusedisk(stack, image, env=env)
         mnt = served.file.parent
-        os.sync()
-        with open(image, "rb", buffering=0) as f:  # cached, as every contender's image
-            while f.read(4 * MiB):
-                pass
+        bl.warm(image)
         fio = bl.Writer(stack, served, image.with_suffix(""), WRITERS[writer])
         time.sleep(args.ramp)
         bl.fusedisk("migrate", mnt, dest, "--detach", "--rate", str(args.rate_bytes))
         started = time.time()
-        while (s := _status(mnt))["progress_bytes"] < args.kill_at * size:
+        while (s := bl.status(mnt))["progress_bytes"] < args.kill_at * size:
             if s["phase"] != "mirroring":
                 raise RuntimeError(f"the move ended before the kill: {s['phase']}, {s['error']}")
             time.sleep(0.02)
@@ -211,9 +185,9 @@ def _resume_run(args: argparse.Namespace, writer: str) -> Run:
         bl.fusedisk("unmount", mnt)  # clears the stale mount
         mounted = time.time()
         line = bl.fusedisk("mount", image, mnt, "--name", "disk", env=env).strip()
-        served.pid = int(_status(mnt)["pid"])
+        served.pid = int(bl.status(mnt)["pid"])
         bl.fusedisk("rate", mnt, "0")
-        while (s := _status(mnt))["phase"] in ("mirroring", "switching"):
+        while (s := bl.status(mnt))["phase"] in ("mirroring", "switching"):
             time.sleep(0.1)
         if s["phase"] != "done" or s["resumed_from"] != cursor:
             raise RuntimeError(f"the resumed move: {s['phase']} from {s['resumed_from']}: {line}")
@@ -229,20 +203,7 @@ def _resume_run(args: argparse.Namespace, writer: str) -> Run:
     }
 
 
-def _status(mnt: Path) -> dict[str, Any]:
-    """The daemon's status, from the mount's .status file (no process to start: polled)."""
-    status: dict[str, Any] = json.loads((mnt / ".status").read_text())
-    return status
-
-
 def _writes(lat_log: Path, start: float, end: float) -> int:
     """Writes fio completed in [start, end) (its latency log: Unix ms first on each line)."""
     with open(lat_log, encoding="ascii") as f:
         return sum(1 for line in f if start <= int(line.split(",", 1)[0]) / 1000 < end)
-
-
-def _describe_resume(r: Run) -> str:
-    return (
-        f"killed at {r['killed_at']}, checkpoint at {r['checkpoint_at']}, marked below it "
-        f"{r['marked_fraction']}: the resumed move copied {r['copied_fraction']} of the image"
-    )

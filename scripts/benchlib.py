@@ -5,20 +5,12 @@ Everything a run starts (images, mounts, daemons, fio, moves) is registered on a
 moment it exists, so an error, Ctrl-C or SIGTERM unwinds all of it, newest first; an undo that
 fails is logged and the ones after it still run.
 
-Adding a subcommand, say `bench.py resume`:
-1. Write ``resume(args) -> Result``: the tables to print, and a dict of data that --json writes
-   beside them, the settings and the machine notes. Its docstring is its --help, the first line
-   its summary in `bench.py --help`. Put it in bench.py, or in a module of its own when it is
-   long (bench_move.py, bench_guest.py).
-2. Write ``resume_options(parser)``, its own options. Every subcommand has --dir (scratch
-   space, made before it runs), --json, --size (MiB) and --reps (``parser.set_defaults(reps=N)``
-   sets its default); ``contenders_option`` adds a checked --contenders.
-3. Add ``"resume": (resume_options, resume)`` to SUBCOMMANDS in bench.py.
-Inside it, ``prepare`` makes a fresh image served by one of CONTENDERS (and its mover, for a
-moving one); ``interleave`` runs contenders once per repetition, interleaved; ``Writer`` is a
-fio writer measured in time windows; ``run`` and ``fusedisk`` run a command, checked; ``Table``
-is a printed table, with ``values``, ``med``, ``compare`` and ``verdict`` for its cells. A new
-contender is one more entry in CONTENDERS.
+Adding a subcommand: write ``run(args) -> Result`` (the tables to print, and the data --json
+writes beside them; its docstring is its --help) and a function adding its own options (every
+subcommand has --dir, --json, --size in MiB and --reps), and register both in SUBCOMMANDS in
+bench.py. ``prepare`` serves a fresh image by one of CONTENDERS (a new contender is one more
+entry there), ``interleave`` runs contenders once per repetition, ``Writer`` is a fio writer
+measured in time windows, and ``Table`` prints, with ``values``, ``compare`` and ``verdict``.
 """
 
 from __future__ import annotations
@@ -39,8 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,14 +192,9 @@ class Served:
 
 def run(*command: str | Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
     """``command``'s stdout, or RuntimeError with the end of its stderr; ``env`` added to ours."""
-    argv = list(map(str, command))
+    argv, environ = list(map(str, command)), None if env is None else os.environ | env
     r = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env=None if env is None else os.environ | env,
+        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=environ
     )
     if r.returncode:
         raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()[-2000:]}")
@@ -253,8 +239,14 @@ def serve_fusedisk(stack: ExitStack, image: Path, env: dict[str, str] | None = N
 
     on_exit(stack, f"unmount {mnt}", stop)  # before mounting: a half-made mount is undone too
     fusedisk("mount", image, mnt, "--name", "disk", env=env)  # the daemon keeps ``env``
-    served.pid = int(json.loads(fusedisk("status", mnt, "--json"))["pid"])
+    served.pid = int(status(mnt)["pid"])
     return served
+
+
+def status(mnt: Path) -> dict[str, Any]:
+    """A fusedisk daemon's status, from its mount's .status file."""
+    s: dict[str, Any] = json.loads((mnt / ".status").read_text())
+    return s
 
 
 def serve_floor(stack: ExitStack, image: Path, mirror: bool = False) -> Served:
@@ -313,7 +305,7 @@ class FusediskMove:
         fusedisk("rate", self.mnt, str(rate))
 
     def snapshot(self) -> dict[str, Any]:
-        s = json.loads(fusedisk("status", self.mnt, "--json"))
+        s = status(self.mnt)
         return {
             "moving": s["phase"] == "mirroring",
             "progress": round(s["progress_bytes"] / max(1, s["total_bytes"]), 3),
@@ -433,19 +425,29 @@ CONTENDERS = {
 
 
 def prepare(
-    stack: ExitStack, name: str, image: Path, size: int, dest: Path | None = None
+    stack: ExitStack, name: str, image: Path, size: int, dest: Path | None = None, data: int = 0
 ) -> tuple[Served, FusediskMove | QsdMirror | None]:
-    """A fresh image of ``size`` bytes served by contender ``name``, read once (cached, as for
-    every contender) with no dirty pages left; for a moving contender, its mover to ``dest``."""
-    make_image(scratch(stack, image), size)
+    """A fresh image of ``size`` bytes served by contender ``name`` and, for a moving one, its
+    mover to ``dest``: non-sparse, read once (cached, as for every contender) with no dirty
+    pages left; or, given ``data``, sparse with ``data`` bytes of it (make_sparse)."""
+    if data:
+        make_sparse(scratch(stack, image), size, data)
+    else:
+        make_image(scratch(stack, image), size)
     served = CONTENDERS[name].serve(stack, image)
     mover = CONTENDERS[name].mover
     move = mover(stack, served, dest or image.with_suffix(".dest"), size) if mover else None
+    if not data:
+        warm(image)
+    return served, move
+
+
+def warm(image: Path) -> None:
+    """No dirty pages left, and ``image`` read once: cached, as every contender's image is."""
     os.sync()
     with open(image, "rb", buffering=0) as f:
         while f.read(4 * MiB):
             pass
-    return served, move
 
 
 # ---- fio
@@ -459,6 +461,10 @@ class Job:
     @property
     def metric(self) -> str:  # what the job is judged on
         return "iops" if self.bs == "4k" else "mibs"
+
+    def median(self, values: list[float]) -> str:
+        """The median of a contender's values of ``metric``, as a table shows it."""
+        return fmt(median(values), 0 if self.metric == "iops" else 1)
 
     def args(self, filename: str | Path) -> list[str]:
         return [
@@ -590,17 +596,14 @@ def busy(before: tuple[float, float], after: tuple[float, float]) -> float:
 
 
 # ---- running and comparing
-def interleave(
-    reps: int, names: Sequence[str], run: Callable[[str], Run], describe: Callable[[Run], str]
-) -> dict[str, list[Run]]:
+def interleave(reps: int, names: Sequence[str], run: Callable[[str], Run]) -> dict[str, list[Run]]:
     """Run every contender once per repetition, interleaved (a, b, c, a, b, c, ...), so that
     the machine's noise hits all of them alike."""
     runs: dict[str, list[Run]] = {name: [] for name in names}
     for rep in range(reps):
-        for i, name in enumerate(names):
+        for name in names:
+            log(f"repetition {rep + 1}/{reps}: {name}")
             runs[name].append(run(name))
-            done = f"{rep * len(names) + i + 1}/{reps * len(names)}"
-            log(f"[{done}] {name}: {describe(runs[name][-1])}")
     return runs
 
 
@@ -687,12 +690,7 @@ def idle_table(
     header = ["job", *names, "fusedisk/floor", "fusedisk/qsd", "fusedisk/raw"]
     table = Table(title, [*header, "fusedisk >= 0.9 floor", "fusedisk >= 0.7 qsd (4k write)"])
     for job in jobs:
-        cells = []
-        for name in names:
-            cells.append(fmt(median(figures(name, job)), 0 if job.metric == "iops" else 1))
-            if "@" in name:  # a tuned contender: its ratio to the plain one
-                plain = compare(figures(name, job), figures(name.partition("@")[0], job))
-                cells[-1] += f" ({fmt(plain[0])})"
+        cells = [job.median(figures(name, job)) for name in names]
         fd = figures("fusedisk", job)
         floor, qsd, raw = (compare(fd, figures(name, job)) for name in ("floor", "qsd", "raw"))
         write = verdict(qsd[0], 0.7) if job.rw == "randwrite" and job.bs == "4k" else ""
@@ -749,58 +747,9 @@ def machine_notes(workdir: Path) -> dict[str, Any]:
     }
 
 
-# ---- py-spy
-@contextlib.contextmanager
-def profiled(pid: int | None, raw: Path | None, native: bool) -> Iterator[dict[str, Any]]:
-    """py-spy on ``pid`` while the body runs (with ``raw``, its output file), every thread
-    apart and idle time included; the yielded dict then gets the top leaf frames of the main
-    thread (the event loop serving FUSE) and of the others. ``native``: C frames too (syscalls
-    by name), which pauses the process for each sample, so 100 Hz instead of 200."""
-    if raw is None:
-        yield {}
-        return
-    venv = Path(sys.executable).parent
-    spy = shutil.which("py-spy", path=f"{venv}{os.pathsep}{os.environ.get('PATH', '')}")
-    if spy is None or pid is None:
-        raise RuntimeError("--profile needs py-spy (.venv/bin/pip install py-spy) and a daemon")
-    command = [spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(raw)]
-    command += ["--idle", "--threads", "--duration", "36000"]
-    command += ["--rate", "100", "--native"] if native else ["--rate", "200", "--nonblocking"]
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    remove(raw)
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    out: dict[str, Any] = {"raw": str(raw)}
-    try:
-        yield out
-    finally:
-        terminate(proc, signal.SIGINT, timeout=60)  # py-spy writes what it sampled, then exits
-    if not raw.exists():
-        raise RuntimeError(f"py-spy wrote no {raw} (exit status {proc.returncode})")
-    counts: dict[str, Counter[str]] = {"main thread": Counter(), "other threads": Counter()}
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        thread = "other threads"
-        if frames[0].startswith("thread ("):
-            thread = "main thread" if frames.pop(0).endswith(": MainThread") else thread
-        if count.isdigit() and frames:
-            name, _, where = frames[-1].partition(" (")  # func (/long/path/pkg/mod.py:12)
-            short = f"{name} ({'/'.join(where.split('/')[-2:])}" if where else name
-            counts[thread][short] += int(count)
-    for thread, c in counts.items():
-        out[thread] = {"samples": c.total(), "self_top": c.most_common(15)}
-
-
-def profile_table(title: str, profile: dict[str, Any]) -> Table:
-    table = Table(
-        f"py-spy, {title}: self time (leaf frames); stacks in {profile['raw']}",
-        ["thread", "share", "frame"],
-    )
-    for thread in ("main thread", "other threads"):
-        total = max(1, profile[thread]["samples"])
-        for frame, n in profile[thread]["self_top"][:12]:
-            table.add(thread, f"{100 * n / total:.1f} %", frame)
-    return table
+def fio_options(p: argparse.ArgumentParser, runtime: float) -> None:
+    p.add_argument("--runtime", type=float, default=runtime, help="s per job (%(default)s)")
+    p.add_argument("--ramp", type=float, default=1, help="fio ramp_time (%(default)s)")
 
 
 def contenders_option(p: argparse.ArgumentParser, allowed: Sequence[str], default: int) -> None:
@@ -808,7 +757,7 @@ def contenders_option(p: argparse.ArgumentParser, allowed: Sequence[str], defaul
 
     def parse(text: str) -> list[str]:
         names = text.split(",")
-        unknown = {name.partition("@")[0] for name in names} - set(allowed)
+        unknown = set(names) - set(allowed)
         if unknown or len(set(names)) < len(names):
             raise argparse.ArgumentTypeError(f"unknown {sorted(unknown)} or repeated names")
         return names
