@@ -66,7 +66,12 @@ def _migrate_while_writing(
     """Start a move once fio runs in the guest; return the finished migrate command, having
     checked that the guest wrote during the move (its status counts the writes mirrored)."""
     assert run.wait_started(180), "fio never started in the guest"
-    time.sleep(1.0)  # let the guest's writes get going: the move must overlap them
+    # The move must overlap the guest's writes: wait until they reach the daemon (a fixed
+    # sleep was too short under TCG on a busy machine: the move ended before the first write).
+    deadline = time.monotonic() + 120
+    while not mount.status()["requests"].get("write"):
+        assert time.monotonic() < deadline, "the guest's writes never reached the daemon"
+        time.sleep(0.2)
     result = fusedisk("migrate", mount.mountpoint, dest, *extra, timeout=300)
     assert run.poll() is None, "the guest finished before the move did: no overlap to test"
     if result.returncode == 0:
