@@ -33,7 +33,7 @@ from fusedisk.units import parse_size
 
 def datapath_options(p: argparse.ArgumentParser) -> None:
     bl.fio_options(p, runtime=10)
-    bl.contenders_option(p, ("raw", "floor", "fusedisk", "qsd", "floor-mirror"), 4)
+    bl.contenders_option(p, ("raw", "floor", "fusedisk", "qsd", "floor-mirror", "floor-stock"), 4)
     p.add_argument("--jobs", default=",".join(j.name for j in JOBS), help="%(default)s")
 
 

@@ -249,9 +249,23 @@ def status(mnt: Path) -> dict[str, Any]:
     return s
 
 
-def serve_floor(stack: ExitStack, image: Path, mirror: bool = False) -> Served:
+def stock_pyfuse3() -> Path:
+    """pyfuse3 3.5.0 as PyPI has it, unpacked from the wheel scripts/setup built (once)."""
+    target = ROOT / ".venv" / "stock-pyfuse3" / "site"
+    if not (target / "pyfuse3").is_dir():
+        wheels = sorted(target.parent.glob("pyfuse3-3.5.0-*.whl"))
+        if not wheels:
+            raise RuntimeError(f"no stock pyfuse3 wheel in {target.parent}: run scripts/setup")
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
+        subprocess.run([*pip, "--target", str(target), str(wheels[-1])], check=True)
+    return target
+
+
+def serve_floor(stack: ExitStack, image: Path, mirror: bool = False, stock: bool = False) -> Served:
     mnt = _mountpoint(stack, image)
     command = [sys.executable, str(Path(__file__).with_name("floor.py")), str(image), str(mnt)]
+    if stock:  # the floor on the library as released, beside ours (pyfuse3-patch/)
+        command = ["env", f"PYTHONPATH={stock_pyfuse3()}", *command]
     if mirror:  # a new sparse file of the same size, as a move's destination starts
         with open(scratch(stack, image.with_suffix(".mirror")), "wb") as copy:
             copy.truncate(image.stat().st_size)
@@ -398,6 +412,10 @@ nbd = functools.partial(serve_qsd, nbd=True)
 CONTENDERS = {
     "raw": Contender("the image file itself (fio and QEMU open it O_DIRECT)", serve_raw),
     "floor": Contender("scripts/floor.py: bare pyfuse3 passthrough, syscalls inline", serve_floor),
+    "floor-stock": Contender(
+        "floor.py on the stock pyfuse3 3.5.0 (the others run ours: pyfuse3-patch/)",
+        functools.partial(serve_floor, stock=True),
+    ),
     "floor-mirror": Contender(
         "floor.py --mirror: each write to a second file too (the floor during a move)",
         functools.partial(serve_floor, mirror=True),
