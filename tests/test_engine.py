@@ -46,6 +46,15 @@ async def finished(move: Move) -> None:
         await move.finished_event.wait()
 
 
+def without_range_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control case of a race test: nothing waits for a range the copier holds."""
+
+    async def no_wait(self: RangeLocks, start: int, end: float) -> None:
+        pass
+
+    monkeypatch.setattr(RangeLocks, "wait_unlocked", no_wait)
+
+
 class Gate:
     """Stops a copier thread at a hook until the test lets it go."""
 
@@ -143,11 +152,7 @@ async def test_copy_racing_a_write_to_the_same_block(
     the destination is written inline or by its worker threads (writes have a lane of their
     own, so they overtake a stopped copy)."""
     if not locks_enabled:
-
-        async def no_wait(self: RangeLocks, start: int, end: float) -> None:
-            pass
-
-        monkeypatch.setattr(RangeLocks, "wait_unlocked", no_wait)
+        without_range_locks(monkeypatch)
     src = image(2 * MiB)
     gate = Gate(offset=0)
     src.on_copy_read = gate

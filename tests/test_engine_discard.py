@@ -19,9 +19,8 @@ import trio.testing
 from fusedisk.backend import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, PAGE
 from fusedisk.engine import Disk
 from fusedisk.move import Phase
-from fusedisk.syncmap import RangeLocks
 from tests.fakes import MemoryFile, MemoryStorage
-from tests.test_engine import WAIT, Gate, MiB, disk_on, finished, image
+from tests.test_engine import WAIT, Gate, MiB, disk_on, finished, image, without_range_locks
 from tests.test_resume import checkpoint_record
 
 PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -83,11 +82,7 @@ async def test_copy_racing_a_discard_of_the_same_block(
     reads zeros there as the source does; without them (the control case, proving the test can
     fail) the copier's old bytes come back over the discarded range on the destination."""
     if not locks_enabled:
-
-        async def no_wait(self: RangeLocks, start: int, end: float) -> None:
-            pass
-
-        monkeypatch.setattr(RangeLocks, "wait_unlocked", no_wait)
+        without_range_locks(monkeypatch)
     src = image(2 * MiB)
     gate = Gate(offset=0)
     src.on_copy_read = gate
