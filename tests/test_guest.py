@@ -223,6 +223,21 @@ def _first_data(path: Path) -> int:
         os.close(fd)
 
 
+def _thin_guest(
+    module: ModuleType, image: Any, mount: Mounted, tmp_path: Path, fmt: str = "raw"
+) -> Any:
+    """A guest running THIN_SCRIPT on the mounted disk, discards passed on (discard=unmap)."""
+    return module.start_fio(
+        mount.file,
+        [],
+        fmt=fmt,
+        script=THIN_SCRIPT,
+        drive_options="discard=unmap",
+        guest=image,
+        console_log=tmp_path / "console.log",
+    )
+
+
 def _move_to(mount: Mounted, dest: Path, progress: int, *extra: str) -> None:
     """Start a slow move and return once it has copied ``progress`` bytes."""
     started = fusedisk("migrate", mount.mountpoint, dest, "--rate", "8M", "--detach", *extra)
@@ -252,14 +267,7 @@ def test_guest_discards_thin_the_image_idle_and_during_a_move(
         f.truncate(THIN_MIB << 20)  # sparse: the guest fills it
     dest = tmp_path / "moved.img"
     with mounted(disk, tmp_path / "mnt") as mount:
-        with module.start_fio(
-            mount.file,
-            [],
-            script=THIN_SCRIPT,
-            drive_options="discard=unmap",
-            guest=image,
-            console_log=tmp_path / "console.log",
-        ) as run:
+        with _thin_guest(module, image, mount, tmp_path) as run:
             run.wait_step("filled", 300)
             filled = _allocated(disk)
             assert filled >= THIN_MIB << 20
@@ -303,15 +311,7 @@ def test_guest_discarding_on_a_container_keeps_it_consistent_across_a_move(
     assert created.returncode == 0, created.stderr
     dest = tmp_path / f"moved.{fmt}"
     with mounted(disk, tmp_path / "mnt") as mount:
-        with module.start_fio(
-            mount.file,
-            [],
-            fmt=fmt,
-            script=THIN_SCRIPT,
-            drive_options="discard=unmap",
-            guest=image,
-            console_log=tmp_path / "console.log",
-        ) as run:
+        with _thin_guest(module, image, mount, tmp_path, fmt) as run:
             run.wait_step("filled", 300)
             _move_to(mount, dest, 16 << 20, "--keep-source")
             run.resume()
