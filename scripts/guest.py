@@ -262,9 +262,17 @@ class GuestRun:
     """A running guest (see start_fio). wait() returns its GuestResult."""
 
     def __init__(
-        self, cmd: list[str], workdir: Path, nonce: str, timeout: float, console_log: Path | None
+        self,
+        cmd: list[str],
+        workdir: Path,
+        nonce: str,
+        timeout: float,
+        console_log: Path | None,
+        disk: Path,
     ) -> None:
-        self.cmd, self._workdir, self._nonce = cmd, workdir, nonce
+        self.cmd, self._workdir, self._nonce, self._disk = cmd, workdir, nonce, disk
+        self._console_log = console_log
+        self.unkillable = False  # QEMU outlived SIGKILL: its I/O is stuck in the kernel
         self.started = threading.Event()  # fio has begun inside the guest
         self._done = threading.Event()  # END marker seen or QEMU's stdout closed
         self._lines: list[str] = []
@@ -328,7 +336,12 @@ class GuestRun:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Its threads sleep in the kernel on requests a FUSE daemon read and never
+            # answered; it exits when they are answered (or the connection is aborted).
+            self.unkillable = True
 
     def _cleanup(self) -> None:
         self.kill()
@@ -339,18 +352,23 @@ class GuestRun:
 
     def wait(self) -> GuestResult:
         """Wait for the result; GuestError if none came before the deadline."""
+        diagnosis = ""
         try:
             self._done.wait(max(0.0, self.deadline - time.monotonic()))
             with contextlib.suppress(subprocess.TimeoutExpired):
                 # After its result the guest powers off by itself.
                 self.proc.wait(timeout=10 if self._rc is not None else 1)
+            if self._rc is None and self.proc.poll() is None:
+                diagnosis = self._diagnose()  # before QEMU is killed: who waits for whom
         finally:
             self._cleanup()
         console = "\n".join(self._lines)
         if self._rc is None:
             why = "timed out" if time.monotonic() >= self.deadline else "exited"
             tail = " | ".join(_plain(ln) for ln in self._lines[-3:] if _plain(ln))
-            raise GuestError(f"guest {why} without a fio result; console tail: {tail}")
+            if self.unkillable:
+                diagnosis += f"; QEMU (pid {self.proc.pid}) did not exit on SIGKILL in 60 s"
+            raise GuestError(f"guest {why} without a fio result{diagnosis}; console tail: {tail}")
         return GuestResult(
             status=self._rc,
             fio=_parse_result(self._lines, self._nonce),
@@ -360,11 +378,79 @@ class GuestRun:
             iops=_parse_iops(self._lines, self._nonce),
         )
 
+    def _diagnose(self) -> str:
+        """A guest whose I/O stopped: say which side holds it, the disk's FUSE daemon (requests
+        the kernel queued and the daemon has not answered; its Python stacks, with py-spy) or
+        QEMU (where its threads sleep).  Written to a file; its first line is returned."""
+        report = [f"guest on {self._disk}, QEMU pid {self.proc.pid}"]
+        with contextlib.suppress(OSError):
+            report += _fuse_side(self._disk)
+        report.append("QEMU threads (name: kernel wait channel):")
+        report += _threads(self.proc.pid)
+        where = self._console_log.parent if self._console_log else Path(tempfile.gettempdir())
+        path = where / f"guest-hang-{self._nonce}.txt"
+        with contextlib.suppress(OSError):
+            path.write_text("\n".join(report) + "\n")
+        return f" ({report[1] if len(report) > 1 else 'not a FUSE disk'}; details in {path})"
+
     def __enter__(self) -> "GuestRun":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._cleanup()
+
+
+def _fuse_side(disk: Path) -> list[str]:
+    """The FUSE connection serving ``disk`` and its daemon(s), for a hang report."""
+    # From mountinfo, not stat(): a stat of a path on a hung mount would hang too.
+    path, mounts = os.path.abspath(disk), []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1]
+        if fstype.startswith("fuse") and path.startswith(fields[4].rstrip("/") + "/"):
+            mounts.append((len(fields[4]), int(fields[2].split(":")[1]), fields[4]))
+    if not mounts:
+        return [f"{disk} is not on a FUSE mount"]
+    _, minor, mountpoint = max(mounts)
+    conn = Path("/sys/fs/fuse/connections")
+    if not (conn / str(minor)).exists() and os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(conn)], capture_output=True)
+    try:
+        waiting = (conn / str(minor) / "waiting").read_text().strip()
+    except OSError:
+        waiting = "? (fusectl is not mounted)"
+    lines = [f"FUSE connection {minor} ({mountpoint}): requests waiting for its daemon: {waiting}"]
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    for pid in _fuse_daemons(mountpoint):
+        lines.append(f"daemon pid {pid}:")
+        lines += _threads(pid)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            dump = [spy, "dump", "--nonblocking", "--pid", str(pid)]
+            lines.append(subprocess.run(dump, capture_output=True, text=True, timeout=30).stdout)
+    return lines
+
+
+def _fuse_daemons(mountpoint: str) -> list[int]:
+    """Processes holding /dev/fuse open whose command line names ``mountpoint`` (all of them
+    if none does: a daemon may have been given a relative path)."""
+    holders = {}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            if any(os.readlink(fd) == "/dev/fuse" for fd in (proc / "fd").iterdir()):
+                holders[int(proc.name)] = (proc / "cmdline").read_bytes().decode(errors="replace")
+    named = [pid for pid, cmdline in holders.items() if mountpoint in cmdline]
+    return named or sorted(holders)
+
+
+def _threads(pid: int) -> list[str]:
+    """Each thread of ``pid``: its name, state and the kernel function it sleeps in."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        with contextlib.suppress(OSError):
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            name = (task / "comm").read_text().strip()
+            lines.append(f"  {task.name} {name} {state} {(task / 'wchan').read_text()}")
+    return lines
 
 
 def _plain(line: str) -> str:
@@ -489,7 +575,7 @@ def start_fio(
         + (f",{drive_options}" if drive_options else ""),
         *(qemu_args or []),
     ]  # fmt: skip
-    return GuestRun(cmd, work, nonce, timeout, console_log)
+    return GuestRun(cmd, work, nonce, timeout, console_log, Path(disk))
 
 
 def run_fio(disk: Path, fio_args: list[str], **kw: Any) -> GuestResult:
