@@ -195,3 +195,17 @@ def trusted_runs(size: int, cursor: int, region: int, marks: set[int]) -> list[t
     if start < end:
         runs.append((start, end))
     return runs
+
+
+def marked_runs(size: int, cursor: int, region: int, marks: set[int]) -> list[tuple[int, int]]:
+    """Byte ranges below ``cursor`` in marked regions (adjacent ones joined): what a resumed
+    move compares rather than copies (:mod:`fusedisk.compare`)."""
+    end = min(cursor, size)
+    runs: list[tuple[int, int]] = []
+    for r in sorted(m for m in marks if m * region < end):
+        start, stop = r * region, min((r + 1) * region, end)
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], stop)
+        else:
+            runs.append((start, stop))
+    return runs

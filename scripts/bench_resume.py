@@ -122,8 +122,8 @@ def resume(args: argparse.Namespace) -> Result:
 
     A --size MiB image moved at --rate under each of --writers; once the copy passes --kill-at,
     SIGKILL the daemon and the writer, mount again (the move resumes) and let it finish flat
-    out: how much of the image the resumed move copied (target <= 0.2), and what the checkpoint
-    it resumed from held."""
+    out: how much of the image the resumed move copied (target <= 0.2), how much it read from
+    both files to compare (the regions the checkpoint marked), and what that checkpoint held."""
     args.rate_bytes = parse_size(args.rate)
     writers = args.writers.split(",")
     runs = bl.interleave(args.reps, writers, lambda w: _resume_run(args, w))
@@ -134,7 +134,7 @@ def resume(args: argparse.Namespace) -> Result:
         "brackets; fractions of the image)",
         [
             *("writer", "writes/s", "killed at", "checkpoint at", "marked below it"),
-            *("resumed move copied", "<= 0.2", "resumed move (s)"),
+            *("resumed move copied", "<= 0.2", "compared", "of it equal", "resumed move (s)"),
         ],
     )
 
@@ -150,6 +150,8 @@ def resume(args: argparse.Namespace) -> Result:
             *(cell(rs, key) for key in ("killed_at", "checkpoint_at", "marked_fraction")),
             cell(rs, "copied_fraction"),
             bl.verdict(bl.med(rs, "copied_fraction"), 0.2, at_most=True),
+            cell(rs, "compared_fraction"),
+            cell(rs, "equal_fraction"),
             cell(rs, "resumed_move_s", digits=1),
         )
     return [table], {"runs": runs}
@@ -197,6 +199,8 @@ def _resume_run(args: argparse.Namespace, writer: str) -> Run:
         "checkpoint_at": round(cursor / size, 3),
         "marked_fraction": round(min(marked * checkpoint["region"], cursor) / size, 3),
         "copied_fraction": round(s["copied_bytes"] / size, 3),
+        "compared_fraction": round(s["compared_bytes"] / size, 3),
+        "equal_fraction": round(s["found_equal_bytes"] / size, 3),
         "resumed_move_s": round(s["finished"] - mounted, 1),
         "mount_line": line,
         "status": s,

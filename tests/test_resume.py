@@ -23,6 +23,7 @@ import trio.testing
 from fusedisk import engine as engine_module
 from fusedisk import intent as intent_module
 from fusedisk import move as move_module
+from fusedisk.backend import PAGE
 from fusedisk.daemon import recover
 from fusedisk.engine import Disk
 from fusedisk.intent import Intent, trusted_runs
@@ -67,16 +68,19 @@ def test_trusted_runs_leave_out_marked_regions_and_the_rest() -> None:
 
 
 async def test_resume_copies_what_the_record_does_not_trust_and_nothing_else() -> None:
-    """Checkpoint at 5 MiB, region 2 marked: the resumed move copies region 2 and 5..8 MiB,
-    and ends with identical files even where they differed."""
+    """Checkpoint at 5 MiB, region 2 marked: the resumed move compares region 2 (and copies
+    the one page there that differs) and copies 5..8 MiB, and ends with identical files even
+    where they differed."""
     data = bytearray(random.Random(1).randbytes(8 * MiB))
     src = MemoryFile("/src", bytes(data))
     dst = MemoryFile("/dst", bytes(data[: 5 * MiB]) + bytes(3 * MiB))
     src.data[2 * MiB + 100 : 2 * MiB + 200] = b"\xaa" * 100  # written, then the crash
     disk, move = await resumed_to_the_end(src, dst, 5 * MiB, [2])
     assert move.resumed_from == 5 * MiB
-    assert move.copied_bytes == 4 * MiB  # region 2, and 5..8 MiB
-    assert move.copied_bytes + move.synced_by_writes_bytes + move.hole_bytes == 8 * MiB
+    assert move.compared_bytes == MiB and move.found_equal_bytes == MiB - PAGE  # region 2
+    assert move.copied_bytes == PAGE + 3 * MiB  # its differing page, and 5..8 MiB
+    accounted = move.synced_by_writes_bytes + move.hole_bytes + move.found_equal_bytes
+    assert move.copied_bytes + accounted == 8 * MiB
     assert disk.primary is dst and dst.data == src.data
 
 
@@ -210,7 +214,8 @@ async def test_a_region_written_in_the_last_interval_stays_marked_and_is_recopie
         with trio.fail_after(WAIT):
             await move.finished_event.wait()
     assert move.phase is Phase.DONE, move.error
-    assert move.copied_bytes == MiB + size - cursor  # region 0, and all past the checkpoint
+    # Region 0 compared, its one written page copied; and all past the checkpoint.
+    assert move.compared_bytes == MiB and move.copied_bytes == PAGE + size - cursor
     assert dst.data == src.data
 
 
