@@ -26,7 +26,7 @@ from fusedisk.compare import Compared, write_differences
 from fusedisk.destination import DEST_TIMEOUT, Call, Destination, bounded
 from fusedisk.errors import StateError, VerifyMismatch
 from fusedisk.failpoints import crash_point
-from fusedisk.intent import CHECKPOINT_EVERY, Intent
+from fusedisk.intent import CHECKPOINT_EVERY, CHECKPOINT_PACE, EARLY_WRITEBACK, Intent
 from fusedisk.storage import marker_path
 
 if TYPE_CHECKING:
@@ -274,6 +274,7 @@ async def _copy_chunks(
     unflushed = 0  # bytes copied since the last flush (a threaded destination's)
     data_end = 0  # the source holds data from the cursor to here (when the cursor is below)
     truncations = disk.truncations
+    kicked = trio.current_time()  # when writeback was last started early (EARLY_WRITEBACK)
     while True:
         size = source.size()  # again each time: the guest may grow or shrink the disk
         cursor = move.cursor
@@ -326,13 +327,17 @@ async def _copy_chunks(
                 # guest's writes behind it): a flush every few MiB keeps that queue short.
                 await dest.run(lambda f: f.fsync(True), "flush")
                 unflushed = 0
-        intent = disk.intent
+        intent, now = disk.intent, trio.current_time()
         if (
             intent is not None
             and not intent.checkpointing
-            and trio.current_time() - intent.checkpointed >= CHECKPOINT_EVERY
+            and now - intent.checkpointed
+            >= max(CHECKPOINT_EVERY, CHECKPOINT_PACE * intent.flush_seconds)
         ):
             await checkpoints.start(_checkpoint, disk, move, dest)
+        elif intent is not None and EARLY_WRITEBACK and now - kicked >= EARLY_WRITEBACK:
+            kicked = now
+            checkpoints.start_soon(_start_writeback, disk, dest)
         # The limit is on bytes read from the source to copy or compare, not on bytes skipped.
         await move._throttle(read)
         if read and disk.io_count != guest_ops:
@@ -365,6 +370,17 @@ async def _checkpoint(
 
 def _writeback(offset: int, length: int, dest: ImageFile) -> None:
     dest.start_writeback(offset, length)
+
+
+async def _start_writeback(disk: Disk, dest: Destination) -> None:
+    """Start writing both files' dirty pages back (length 0: to the end), waiting for none:
+    the next checkpoint's flush then finds less to write.  Best effort: errors mean no help."""
+    source = disk.primary
+    try:
+        await trio.to_thread.run_sync(source.start_writeback, 0, 0)
+        await dest.run(partial(_writeback, 0, 0), "writeback")
+    except (OSError, trio.TooSlowError) as e:  # a failing file fails the move elsewhere
+        log.debug("early writeback: %s", e)
 
 
 def _digest(image: ImageFile, offset: int, length: int) -> bytes:

@@ -25,13 +25,18 @@ WRITERS = {
     "uniform": ["--norandommap=1"],
     "vm": ["--norandommap=1", "--rate_iops=200", "--random_distribution=zoned:90/10:10/20:0/70"],
 }
-PAIR = ("fusedisk-move", "fusedisk-move-norecord")
+NORECORD = "fusedisk-move-norecord"
 
 
 def intent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", nargs="+", default=["4G", "1T"], help="%(default)s")
     p.add_argument("--data", type=int, default=1024, help="MiB of data (%(default)s)")
     p.add_argument("--before", type=float, default=3, help="writer s before the move (3)")
+    p.add_argument(
+        "--record",
+        default="fusedisk-move",
+        help="contenders keeping the record, each against " + NORECORD + " (%(default)s)",
+    )
     p.add_argument(
         "--window", type=float, help="measure the move's first WINDOW s only, then cancel it"
     )
@@ -54,13 +59,16 @@ def _common_options(p: argparse.ArgumentParser) -> None:
 def cost(args: argparse.Namespace) -> Result:
     """the writer's IOPS during a move with the write-intent record and without it.
 
-    fusedisk-move and fusedisk-move-norecord (FUSEDISK_CHECKPOINT_EVERY=inf), interleaved, on a
-    sparse image of each --sizes holding --data MiB in 16 MiB extents, the copy at --rate, under
+    Each of --record (fusedisk-move; fusedisk-move-paced, -early: the same with the
+    checkpoint's pacing knobs) against fusedisk-move-norecord (FUSEDISK_CHECKPOINT_EVERY=inf),
+    interleaved, on a sparse image of each --sizes holding --data MiB in 16 MiB extents, the
+    copy at --rate, under
     each of --writers (uniform, vm); target: with / without >= 0.9. Also each daemon's journal
     writes (checkpoints and mark batches)."""
     args.rate_bytes = parse_size(args.rate)
     cases = [(size, w) for size in args.sizes for w in args.writers.split(",")]
-    plan = [f"{size} {w} {name}" for size, w in cases for name in PAIR]
+    record = args.record.split(",")
+    plan = [f"{size} {w} {name}" for size, w in cases for name in (*record, NORECORD)]
     runs = bl.interleave(args.reps, plan, lambda entry: _cost_run(args, entry))
     table = Table(
         f"4 KiB random-write IOPS during a move with and without the write-intent record "
@@ -68,19 +76,21 @@ def cost(args: argparse.Namespace) -> Result:
         + (f", the first {args.window:g} s of each move" if args.window else "")
         + f"; medians of {args.reps}, ratio per repetition in brackets)",
         [
-            *("size", "writer", "IOPS before", "IOPS during, record", "IOPS during, none"),
+            *("size", "writer", "record", "IOPS before"),
+            *("IOPS during, record", "IOPS during, none"),
             *("record / none", ">= 0.9", "p99 ms, record", "p99 ms, none"),
             *("move s, record", "move s, none"),
             *("checkpoints", "journal writes"),
         ],
     )
-    for size, w in cases:
-        with_, without = (runs[f"{size} {w} {name}"] for name in PAIR)
+    for (size, w), name in ((case, name) for case in cases for name in record):
+        with_, without = (runs[f"{size} {w} {n}"] for n in (name, NORECORD))
         during = [bl.values(rs, "writer", "during", "iops") for rs in (with_, without)]
         kept = bl.compare(*during)
         table.add(
             size,
             w,
+            name.removeprefix("fusedisk-move").lstrip("-") or "as is",
             bl.fmt(bl.med(with_ + without, "writer", "before", "iops"), 0),
             *(bl.fmt(bl.median(d), 0) for d in during),
             kept[1],

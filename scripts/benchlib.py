@@ -437,6 +437,18 @@ CONTENDERS = {
         functools.partial(serve_fusedisk, env={"FUSEDISK_CHECKPOINT_EVERY": "inf"}),
         FusediskMove,
     ),
+    "fusedisk-move-paced": Contender(
+        "fusedisk-move with FUSEDISK_CHECKPOINT_PACE=4: a checkpoint waits 4 times as long as "
+        "the last one's flush took (at least the usual 2 s)",
+        functools.partial(serve_fusedisk, env={"FUSEDISK_CHECKPOINT_PACE": "4"}),
+        FusediskMove,
+    ),
+    "fusedisk-move-early": Contender(
+        "fusedisk-move with FUSEDISK_EARLY_WRITEBACK=0.5: both files' writeback started every "
+        "0.5 s between checkpoints (sync_file_range)",
+        functools.partial(serve_fusedisk, env={"FUSEDISK_EARLY_WRITEBACK": "0.5"}),
+        FusediskMove,
+    ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
     "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),
 }
