@@ -438,9 +438,15 @@ CONTENDERS = {
         FusediskMove,
     ),
     "fusedisk-move-paced": Contender(
-        "fusedisk-move with FUSEDISK_CHECKPOINT_PACE=4: a checkpoint waits 4 times as long as "
-        "the last one's flush took (at least the usual 2 s)",
+        "fusedisk-move with FUSEDISK_CHECKPOINT_PACE=4 (the default since 2026-12-02): a "
+        "checkpoint waits 4 times as long as the last one's flush took (at least the usual 2 s)",
         functools.partial(serve_fusedisk, env={"FUSEDISK_CHECKPOINT_PACE": "4"}),
+        FusediskMove,
+    ),
+    "fusedisk-move-unpaced": Contender(
+        "fusedisk-move with FUSEDISK_CHECKPOINT_PACE=0: a checkpoint every 2 s of copying "
+        "however long the last one's flush took (the default before 2026-12-02)",
+        functools.partial(serve_fusedisk, env={"FUSEDISK_CHECKPOINT_PACE": "0"}),
         FusediskMove,
     ),
     "fusedisk-move-early": Contender(
