@@ -14,6 +14,7 @@ from fusedisk.engine import Disk
 from fusedisk.move import Phase
 from tests.fakes import MemoryFile, MemoryStorage
 from tests.test_engine import MiB, finished
+from tests.test_resume import checkpoint_whenever_none_runs
 
 
 async def checkpointed_move(src: MemoryFile) -> MemoryStorage:
@@ -34,7 +35,7 @@ async def test_a_slow_flush_stretches_the_interval_to_the_next_checkpoint(
 ) -> None:
     """With checkpoints due whenever none runs, a flush of 20 ms: unpaced, the next begins
     as soon as it ends; paced by 1000, the next is due 20 s later, after this move's end."""
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    checkpoint_whenever_none_runs(monkeypatch)
     monkeypatch.setattr(move_module, "CHECKPOINT_PACE", pace)
     src = MemoryFile("/src", random.Random(8).randbytes(16 * MiB))
     src.on_fsync = lambda: time.sleep(0.02)

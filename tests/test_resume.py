@@ -35,6 +35,13 @@ MiB = 1 << 20
 WAIT = 10.0
 
 
+def checkpoint_whenever_none_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint as soon as the last one has ended: not every 2 s, and not paced by how long
+    its flush took (a loaded machine would space them out); these tests need many."""
+    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    monkeypatch.setattr(move_module, "CHECKPOINT_PACE", 0.0)
+
+
 def checkpoint_record(cursor: int, marks: list[int], region: int = MiB) -> dict[str, Any]:
     return {
         "phase": "mirroring",
@@ -137,7 +144,7 @@ async def test_a_checkpoint_marks_the_regions_written_while_it_flushed(
 ) -> None:
     """A write that lands while a checkpoint flushes both files may not be durable on both:
     its region is in the record the checkpoint writes."""
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    checkpoint_whenever_none_runs(monkeypatch)
     monkeypatch.setattr(intent_module, "MIN_REGION", MiB)
     src = MemoryFile("/src", random.Random(2).randbytes(4 * MiB))
     storage = MemoryStorage(src)
@@ -174,7 +181,7 @@ async def test_a_region_written_in_the_last_interval_stays_marked_and_is_recopie
     will likely write there again: no journal write then), and the next one clears it if the
     region was left alone meanwhile.  Resumed from the record that kept it, the move copies
     that region again (the write may be on one file only)."""
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)  # whenever none is running
+    checkpoint_whenever_none_runs(monkeypatch)
     monkeypatch.setattr(intent_module, "MIN_REGION", MiB)
     size = 32 * MiB  # many chunks (1 MiB) after the write: several checkpoints
     data = random.Random(4).randbytes(size)
@@ -264,7 +271,7 @@ async def test_a_checkpoint_that_cannot_be_written_fails_the_move_back(
 ) -> None:
     """A checkpoint runs beside the copier; if its record cannot be written, the move fails
     back (the source serves on, untouched) and says why."""
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    checkpoint_whenever_none_runs(monkeypatch)
     data = random.Random(5).randbytes(4 * MiB)
     src = MemoryFile("/src", data)
     storage = MemoryStorage(src)
@@ -291,7 +298,7 @@ async def test_a_checkpoint_whose_flush_misses_the_deadline_fails_the_move_back(
     """The destination hangs in the checkpoint's flush (its own task, beside the copier): the
     deadline holds there too; the move fails back naming it, and nothing is logged as a crash
     of the move task (an error leaving the checkpoint's task would be, as an exception group)."""
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    checkpoint_whenever_none_runs(monkeypatch)
     data = random.Random(6).randbytes(4 * MiB)
     src = MemoryFile("/src", data)
     storage = MemoryStorage(src)
