@@ -417,6 +417,12 @@ def check_recovery(layout: Layout, after: AfterKill, *, keep_source: bool, what:
             assert facts["resumed_from"] == after.journal["checkpoint"]["cursor"], facts
             done = wait_for_phase(layout.mountpoint, "done", "failed")
             assert done["phase"] == "done" and done["image"] == dest, f"{what}: {done}"
+            # Every byte counted once: copied, synced by writes, a hole, or compared equal.
+            skipped = done["synced_by_writes_bytes"] + done["hole_bytes"]
+            counted = done["copied_bytes"] + skipped + done["found_equal_bytes"]
+            assert counted == done["total_bytes"], f"{what}: {done}"
+            shown = cli("status", layout.mountpoint).stdout
+            assert "resumed: from the checkpoint at" in shown, f"{what}: {shown}"
             again = (layout.mountpoint / named.name).read_bytes()
             assert again == data, f"{what}: the resumed move changed what the disk reads"
             served = dest
