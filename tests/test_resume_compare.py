@@ -169,9 +169,7 @@ async def test_a_source_hole_in_a_marked_region_stays_a_hole_and_zeros_are_equal
     page of zeros on the source against a hole on the destination is equal: not written."""
     src = MemoryFile("/src", bytes(SIZE), sparse=True)
     src.pwrite(b"d" * (CURSOR - MiB), 0)  # data to 5 MiB; a hole in [5, 8) MiB
-    src.fallocate(
-        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, MiB + 8 * PAGE, 8 * PAGE
-    )  # a hole in region 1
+    src.fallocate(PUNCH, MiB + 8 * PAGE, 8 * PAGE)  # a hole in region 1
     dst = MemoryFile("/dst", bytes(SIZE), sparse=True)
     dst.pwrite(bytes(src.data[: CURSOR - MiB]), 0)
     dst.pwrite(b"only on the destination", MiB + 9 * PAGE)  # in the source's hole
