@@ -91,8 +91,9 @@ class ImageFile(Protocol):
         ...
 
     def start_writeback(self, offset: int, length: int) -> None:
-        """Start writing [offset, offset+length) back to storage, and wait for what was written
-        WRITEBACK_LAG bytes before it: unflushed data stays bounded (best effort)."""
+        """Start writing [offset, offset+length) back to storage (length 0: to the end), and wait
+        for what was written WRITEBACK_LAG bytes before it: unflushed data stays bounded (best
+        effort)."""
         ...
 
     def check_in_place(self) -> None:

@@ -276,6 +276,12 @@ def _format_status(s: dict[str, Any], log: str | None = None) -> str:
             f"rate:    {human(s['rate'])}/s (limit "
             f"{human(s['rate_limit']) + '/s' if s['rate_limit'] else 'none'})",
         ]
+        if s.get("resumed_from") is not None:
+            lines.append(
+                f"resumed: from the checkpoint at {human(s['resumed_from'])}; compared "
+                f"{human(s.get('compared_bytes', 0))} of marked regions on both files, "
+                f"{human(s.get('found_equal_bytes', 0))} of it equal (not written)"
+            )
         if s["switch_pause_ms"] is not None:
             lines.append(f"switch:  I/O held for {s['switch_pause_ms']:.3f} ms")
         if s["error"]:

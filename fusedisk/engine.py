@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fusedisk.backend import (
-    FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     ImageFile,
 )
+from fusedisk.compare import Compared, clear_untrusted
 from fusedisk.destination import DEST_TIMEOUT, Call, Destination, FileCall, bounded
 from fusedisk.errors import MoveRefused
 from fusedisk.failpoints import crash_point
-from fusedisk.intent import CHECKPOINT_EVERY, Intent, region_size, trusted_runs
+from fusedisk.intent import CHECKPOINT_EVERY, Intent, marked_runs, region_size, trusted_runs
 from fusedisk.storage import Storage
 from fusedisk.syncmap import RangeLocks, SyncMap
 
@@ -428,7 +428,8 @@ class Disk:
     async def resume_move(self, record: dict[str, Any], dest_timeout: float) -> Move:
         """Go on with a move a crash interrupted: ``record`` is its journal's, whose checkpoint
         recovery found valid.  Open the destination, trust what the checkpoint says is in
-        sync (:func:`fusedisk.intent.trusted_runs`), mirror, and copy the rest."""
+        sync (:func:`fusedisk.intent.trusted_runs`), mirror, compare the regions it marks
+        below its cursor (:mod:`fusedisk.compare`) and copy the rest."""
         from fusedisk.move import Move
 
         source, dest = self.primary.path, str(record["destination"])
@@ -452,13 +453,16 @@ class Disk:
         base = {k: v for k, v in record.items() if k != "checkpoint"}
         intent = Intent(self.storage, base, region, cursor=cursor, marks=marks)
         intent.dest_id = dest_id
-        trusted = trusted_runs(self.primary.size(), cursor, region, marks)
+        size = self.primary.size()
+        trusted = trusted_runs(size, cursor, region, marks)
+        marked = marked_runs(size, cursor, region, marks)
+        move.compared = Compared(marked)
         try:
             await bounded(
                 dest_timeout,
                 f"clearing {dest} where it may be out of sync",
                 dest,
-                partial(_clear_untrusted, dest_file, trusted, self.primary.size()),
+                partial(clear_untrusted, dest_file, self.primary, cursor, marked, size),
             )
         except BaseException:
             with suppress(OSError):
@@ -522,20 +526,6 @@ class Disk:
         else:
             status.update(self.move.status(total=size or 0))
         return status
-
-
-def _clear_untrusted(file: ImageFile, trusted: list[tuple[int, int]], size: int) -> None:
-    """Punch holes in the destination wherever a resumed move does not trust it.  The copier
-    copies the source's data and skips its holes, so there the destination must be a hole too:
-    a write (or discard) a crash let reach the destination alone, in what is a hole on the
-    source, would otherwise read zeros after the remount and its bytes after the switch.  A
-    destination that cannot punch holes raises (EOPNOTSUPP): the move is rolled back instead."""
-    end, start = min(size, file.size()), 0
-    for trusted_start, trusted_end in [*trusted, (end, end)]:
-        if start < min(trusted_start, end):
-            length = min(trusted_start, end) - start
-            file.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length)
-        start = max(start, trusted_end)
 
 
 def _identified(file: ImageFile) -> tuple[ImageFile, list[int]]:

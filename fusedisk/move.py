@@ -22,10 +22,11 @@ import trio
 import xxhash
 
 from fusedisk.backend import PAGE, WRITEBACK_LAG, ImageFile
+from fusedisk.compare import Compared, write_differences
 from fusedisk.destination import DEST_TIMEOUT, Call, Destination, bounded
 from fusedisk.errors import StateError, VerifyMismatch
 from fusedisk.failpoints import crash_point
-from fusedisk.intent import CHECKPOINT_EVERY, Intent
+from fusedisk.intent import CHECKPOINT_EVERY, CHECKPOINT_PACE, EARLY_WRITEBACK, Intent
 from fusedisk.storage import marker_path
 
 if TYPE_CHECKING:
@@ -92,6 +93,11 @@ class Move:
         self.discarded_bytes = 0  # punched or zeroed by the guest on both files
         self.synced_by_writes_bytes = 0
         self.hole_bytes = 0
+        # A resumed move's comparison (fusedisk.compare): bytes read from both files and
+        # compared, and of those the ones found equal (not written; the rest count as copied).
+        self.compared = Compared([])
+        self.compared_bytes = 0
+        self.found_equal_bytes = 0
         self.verified_bytes = 0
         self.switch_pause_ms: float | None = None
         self.resumed_from: int | None = None  # resumed after a crash: the checkpoint's cursor
@@ -193,6 +199,8 @@ class Move:
             "discarded_bytes": self.discarded_bytes,
             "synced_by_writes_bytes": self.synced_by_writes_bytes,
             "hole_bytes": self.hole_bytes,
+            "compared_bytes": self.compared_bytes,
+            "found_equal_bytes": self.found_equal_bytes,
             "verified_bytes": self.verified_bytes,
             "rate_limit": self._rate_limit,
             "rate": round(self.recent_rate()),
@@ -266,6 +274,7 @@ async def _copy_chunks(
     unflushed = 0  # bytes copied since the last flush (a threaded destination's)
     data_end = 0  # the source holds data from the cursor to here (when the cursor is below)
     truncations = disk.truncations
+    kicked = trio.current_time()  # when writeback was last started early (EARLY_WRITEBACK)
     while True:
         size = source.size()  # again each time: the guest may grow or shrink the disk
         cursor = move.cursor
@@ -281,15 +290,25 @@ async def _copy_chunks(
             data_end = source.next_hole(cursor)
         end = min(data_end, cursor + CHUNK, size)
         end = max(min(-(-end // PAGE) * PAGE, size), min(cursor + PAGE, size))
-        copied = 0
+        copied = read = 0
         chunk_started, guest_ops = trio.current_time(), disk.io_count
         with disk.locks.hold(cursor, end):
             runs = syncmap.unsynced_runs(cursor, end)
             move.synced_by_writes_bytes += (end - cursor) - sum(b - a for a, b in runs)
-            for a, b in runs:
-                n = await dest.run(
-                    partial(source.copy_to, offset=a, length=b - a), f"copying at {a}"
-                )
+            for a, b, compare in (p for run in runs for p in move.compared.pieces(*run)):
+                if compare:  # read both, write what differs, all in this held step
+                    n, equal = await dest.run(
+                        partial(write_differences, source, offset=a, length=b - a),
+                        f"comparing at {a}",
+                    )
+                    move.compared_bytes += n + equal
+                    move.found_equal_bytes += equal
+                    read += n + equal
+                else:
+                    n = await dest.run(
+                        partial(source.copy_to, offset=a, length=b - a), f"copying at {a}"
+                    )
+                    read += n
                 copied += n
                 move.copied_bytes += n
                 crash_point("copy-chunk")
@@ -308,15 +327,20 @@ async def _copy_chunks(
                 # guest's writes behind it): a flush every few MiB keeps that queue short.
                 await dest.run(lambda f: f.fsync(True), "flush")
                 unflushed = 0
-        intent = disk.intent
+        intent, now = disk.intent, trio.current_time()
         if (
             intent is not None
             and not intent.checkpointing
-            and trio.current_time() - intent.checkpointed >= CHECKPOINT_EVERY
+            and now - intent.checkpointed
+            >= max(CHECKPOINT_EVERY, CHECKPOINT_PACE * intent.flush_seconds)
         ):
             await checkpoints.start(_checkpoint, disk, move, dest)
-        await move._throttle(copied)  # the limit is on bytes copied, not on bytes skipped
-        if copied and disk.io_count != guest_ops:
+        elif intent is not None and EARLY_WRITEBACK and now - kicked >= EARLY_WRITEBACK:
+            kicked = now
+            checkpoints.start_soon(_start_writeback, disk, dest)
+        # The limit is on bytes read from the source to copy or compare, not on bytes skipped.
+        await move._throttle(read)
+        if read and disk.io_count != guest_ops:
             # The guest is doing I/O: leave it the CPU for as long as the copy took (the
             # copier and the daemon's one thread share two cores with the VM).
             await trio.sleep((trio.current_time() - chunk_started) * GIVE_WAY)
@@ -346,6 +370,17 @@ async def _checkpoint(
 
 def _writeback(offset: int, length: int, dest: ImageFile) -> None:
     dest.start_writeback(offset, length)
+
+
+async def _start_writeback(disk: Disk, dest: Destination) -> None:
+    """Start writing both files' dirty pages back (length 0: to the end), waiting for none:
+    the next checkpoint's flush then finds less to write.  Best effort: errors mean no help."""
+    source = disk.primary
+    try:
+        await trio.to_thread.run_sync(source.start_writeback, 0, 0)
+        await dest.run(partial(_writeback, 0, 0), "writeback")
+    except (OSError, trio.TooSlowError) as e:  # a failing file fails the move elsewhere
+        log.debug("early writeback: %s", e)
 
 
 def _digest(image: ImageFile, offset: int, length: int) -> bytes:

@@ -25,13 +25,18 @@ WRITERS = {
     "uniform": ["--norandommap=1"],
     "vm": ["--norandommap=1", "--rate_iops=200", "--random_distribution=zoned:90/10:10/20:0/70"],
 }
-PAIR = ("fusedisk-move", "fusedisk-move-norecord")
+NORECORD = "fusedisk-move-norecord"
 
 
 def intent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", nargs="+", default=["4G", "1T"], help="%(default)s")
     p.add_argument("--data", type=int, default=1024, help="MiB of data (%(default)s)")
     p.add_argument("--before", type=float, default=3, help="writer s before the move (3)")
+    p.add_argument(
+        "--record",
+        default="fusedisk-move",
+        help="contenders keeping the record, each against " + NORECORD + " (%(default)s)",
+    )
     p.add_argument(
         "--window", type=float, help="measure the move's first WINDOW s only, then cancel it"
     )
@@ -54,13 +59,16 @@ def _common_options(p: argparse.ArgumentParser) -> None:
 def cost(args: argparse.Namespace) -> Result:
     """the writer's IOPS during a move with the write-intent record and without it.
 
-    fusedisk-move and fusedisk-move-norecord (FUSEDISK_CHECKPOINT_EVERY=inf), interleaved, on a
-    sparse image of each --sizes holding --data MiB in 16 MiB extents, the copy at --rate, under
+    Each of --record (fusedisk-move; fusedisk-move-paced, -early: the same with the
+    checkpoint's pacing knobs) against fusedisk-move-norecord (FUSEDISK_CHECKPOINT_EVERY=inf),
+    interleaved, on a sparse image of each --sizes holding --data MiB in 16 MiB extents, the
+    copy at --rate, under
     each of --writers (uniform, vm); target: with / without >= 0.9. Also each daemon's journal
     writes (checkpoints and mark batches)."""
     args.rate_bytes = parse_size(args.rate)
     cases = [(size, w) for size in args.sizes for w in args.writers.split(",")]
-    plan = [f"{size} {w} {name}" for size, w in cases for name in PAIR]
+    record = args.record.split(",")
+    plan = [f"{size} {w} {name}" for size, w in cases for name in (*record, NORECORD)]
     runs = bl.interleave(args.reps, plan, lambda entry: _cost_run(args, entry))
     table = Table(
         f"4 KiB random-write IOPS during a move with and without the write-intent record "
@@ -68,19 +76,21 @@ def cost(args: argparse.Namespace) -> Result:
         + (f", the first {args.window:g} s of each move" if args.window else "")
         + f"; medians of {args.reps}, ratio per repetition in brackets)",
         [
-            *("size", "writer", "IOPS before", "IOPS during, record", "IOPS during, none"),
+            *("size", "writer", "record", "IOPS before"),
+            *("IOPS during, record", "IOPS during, none"),
             *("record / none", ">= 0.9", "p99 ms, record", "p99 ms, none"),
             *("move s, record", "move s, none"),
             *("checkpoints", "journal writes"),
         ],
     )
-    for size, w in cases:
-        with_, without = (runs[f"{size} {w} {name}"] for name in PAIR)
+    for (size, w), name in ((case, name) for case in cases for name in record):
+        with_, without = (runs[f"{size} {w} {n}"] for n in (name, NORECORD))
         during = [bl.values(rs, "writer", "during", "iops") for rs in (with_, without)]
         kept = bl.compare(*during)
         table.add(
             size,
             w,
+            name.removeprefix("fusedisk-move").lstrip("-") or "as is",
             bl.fmt(bl.med(with_ + without, "writer", "before", "iops"), 0),
             *(bl.fmt(bl.median(d), 0) for d in during),
             kept[1],
@@ -122,8 +132,8 @@ def resume(args: argparse.Namespace) -> Result:
 
     A --size MiB image moved at --rate under each of --writers; once the copy passes --kill-at,
     SIGKILL the daemon and the writer, mount again (the move resumes) and let it finish flat
-    out: how much of the image the resumed move copied (target <= 0.2), and what the checkpoint
-    it resumed from held."""
+    out: how much of the image the resumed move copied (target <= 0.2), how much it read from
+    both files to compare (the regions the checkpoint marked), and what that checkpoint held."""
     args.rate_bytes = parse_size(args.rate)
     writers = args.writers.split(",")
     runs = bl.interleave(args.reps, writers, lambda w: _resume_run(args, w))
@@ -134,7 +144,7 @@ def resume(args: argparse.Namespace) -> Result:
         "brackets; fractions of the image)",
         [
             *("writer", "writes/s", "killed at", "checkpoint at", "marked below it"),
-            *("resumed move copied", "<= 0.2", "resumed move (s)"),
+            *("resumed move copied", "<= 0.2", "compared", "of it equal", "resumed move (s)"),
         ],
     )
 
@@ -150,6 +160,8 @@ def resume(args: argparse.Namespace) -> Result:
             *(cell(rs, key) for key in ("killed_at", "checkpoint_at", "marked_fraction")),
             cell(rs, "copied_fraction"),
             bl.verdict(bl.med(rs, "copied_fraction"), 0.2, at_most=True),
+            cell(rs, "compared_fraction"),
+            cell(rs, "equal_fraction"),
             cell(rs, "resumed_move_s", digits=1),
         )
     return [table], {"runs": runs}
@@ -197,6 +209,8 @@ def _resume_run(args: argparse.Namespace, writer: str) -> Run:
         "checkpoint_at": round(cursor / size, 3),
         "marked_fraction": round(min(marked * checkpoint["region"], cursor) / size, 3),
         "copied_fraction": round(s["copied_bytes"] / size, 3),
+        "compared_fraction": round(s["compared_bytes"] / size, 3),
+        "equal_fraction": round(s["found_equal_bytes"] / size, 3),
         "resumed_move_s": round(s["finished"] - mounted, 1),
         "mount_line": line,
         "status": s,

@@ -408,7 +408,14 @@ class Contender:
 
 
 nbd = functools.partial(serve_qsd, nbd=True)
+
+
 # Every contender of every subcommand, in one place.
+def _move_with(description: str, **env: str) -> Contender:
+    """fusedisk-move with a daemon started with ``env`` in its environment (a knob's value)."""
+    return Contender(description, functools.partial(serve_fusedisk, env=env), FusediskMove)
+
+
 CONTENDERS = {
     "raw": Contender("the image file itself (fio and QEMU open it O_DIRECT)", serve_raw),
     "floor": Contender("scripts/floor.py: bare pyfuse3 passthrough, syscalls inline", serve_floor),
@@ -431,11 +438,25 @@ CONTENDERS = {
         serve_fusedisk,
         functools.partial(FusediskMove, options=("--dest-timeout", "1")),
     ),
-    "fusedisk-move-norecord": Contender(
+    "fusedisk-move-norecord": _move_with(
         "fusedisk-move with no write-intent record (FUSEDISK_CHECKPOINT_EVERY=inf: no marks, "
         "no checkpoints; a crash rolls the move back): what the record costs",
-        functools.partial(serve_fusedisk, env={"FUSEDISK_CHECKPOINT_EVERY": "inf"}),
-        FusediskMove,
+        FUSEDISK_CHECKPOINT_EVERY="inf",
+    ),
+    "fusedisk-move-paced": _move_with(
+        "fusedisk-move with FUSEDISK_CHECKPOINT_PACE=4 (the default since 2026-12-02): a "
+        "checkpoint waits 4 times as long as the last one's flush took (at least the usual 2 s)",
+        FUSEDISK_CHECKPOINT_PACE="4",
+    ),
+    "fusedisk-move-unpaced": _move_with(
+        "fusedisk-move with FUSEDISK_CHECKPOINT_PACE=0: a checkpoint every 2 s of copying "
+        "however long the last one's flush took (the default before 2026-12-02)",
+        FUSEDISK_CHECKPOINT_PACE="0",
+    ),
+    "fusedisk-move-early": _move_with(
+        "fusedisk-move with FUSEDISK_EARLY_WRITEBACK=0.5: both files' writeback started every "
+        "0.5 s between checkpoints (sync_file_range)",
+        FUSEDISK_EARLY_WRITEBACK="0.5",
     ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
     "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),

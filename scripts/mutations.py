@@ -270,6 +270,49 @@ MUTATIONS = [
         (("                    self.syncmap.mark_written(offset, min(end, size))\n", ""),),
     ),
     Mutation(
+        "compare-writes-equal-pages",
+        "a resumed move's comparison writes every page it compares, equal or not",
+        "fusedisk/compare.py",
+        (
+            ("    if ours == theirs:  # one comparison", "    if False:  # one comparison"),
+            (
+                "differs = page < len(ours) and ours[page : page + PAGE] != theirs",
+                "differs = page < len(ours) and True or ours[page : page + PAGE] != theirs",
+            ),
+        ),
+    ),
+    Mutation(
+        "compare-misses-differing-pages",
+        "a resumed move's comparison looks at each page's first byte only",
+        "fusedisk/compare.py",
+        (
+            (
+                "ours[page : page + PAGE] != theirs[page : page + PAGE]",
+                "ours[page : page + 1] != theirs[page : page + 1]",
+            ),
+        ),
+    ),
+    Mutation(
+        "compare-without-range-lock",
+        "a resumed move compares (reads both files, writes what differs) without holding the range",
+        "fusedisk/move.py",
+        (
+            ("import enum\n", "import contextlib\nimport enum\n"),
+            (
+                "        with disk.locks.hold(cursor, end):\n            runs = syncmap",
+                "        held = disk.locks.hold(cursor, end)\n"
+                "        with contextlib.nullcontext() if move.compared else held:\n"
+                "            runs = syncmap",
+            ),
+        ),
+    ),
+    Mutation(
+        "marked-source-holes-not-punched",
+        "a resumed move keeps the destination's data where the source is a hole in a marked region",
+        "fusedisk/compare.py",
+        (("    for start, stop in marked:\n", "    for start, stop in []:\n"),),
+    ),
+    Mutation(
         "refused-mode-reaches-destination",
         "a fallocate mode the source refuses was already applied to the destination",
         "fusedisk/engine.py",

@@ -30,6 +30,7 @@ class MemoryFile:
         self.deleted = False  # unlinked behind the engine's back
         self.fsyncs = 0
         self.copied_ranges: list[tuple[int, int]] = []
+        self.writebacks: list[tuple[int, int]] = []  # start_writeback calls
         # Fault and pause hooks: each runs before the operation it is named for.
         self.on_write: Fault | None = None
         self.on_read: Fault | None = None
@@ -134,7 +135,7 @@ class MemoryFile:
         return len(data)
 
     def start_writeback(self, offset: int, length: int) -> None:
-        pass
+        self.writebacks.append((offset, length))
 
     def check_in_place(self) -> None:
         if self.deleted:

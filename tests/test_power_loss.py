@@ -46,6 +46,7 @@ from fusedisk.errors import UsageError
 from fusedisk.move import Phase
 from fusedisk.storage import PosixStorage, journal_path, marker_path
 from tests.powerloss import Files, Model, RecordingOS, Rename, Write, materialise, recording
+from tests.test_resume import checkpoint_whenever_none_runs
 
 BLOCK = 4096
 BLOCKS = 64  # a 256 KiB image: every crash state is a few small files
@@ -203,7 +204,7 @@ async def record_run(
     monkeypatch.setattr(move_module, "CHUNK", CHUNK)
     # A checkpoint after every chunk, and 16 KiB regions: resuming is reached, and its marks
     # are fine enough to matter.
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    checkpoint_whenever_none_runs(monkeypatch)
     monkeypatch.setattr(intent_module, "MIN_REGION", REGION)
     src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
     src_dir.mkdir()

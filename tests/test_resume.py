@@ -23,6 +23,7 @@ import trio.testing
 from fusedisk import engine as engine_module
 from fusedisk import intent as intent_module
 from fusedisk import move as move_module
+from fusedisk.backend import PAGE
 from fusedisk.daemon import recover
 from fusedisk.engine import Disk
 from fusedisk.intent import Intent, trusted_runs
@@ -32,6 +33,13 @@ from tests.fakes import MemoryFile, MemoryStorage
 
 MiB = 1 << 20
 WAIT = 10.0
+
+
+def checkpoint_whenever_none_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint as soon as the last one has ended: not every 2 s, and not paced by how long
+    its flush took (a loaded machine would space them out); these tests need many."""
+    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    monkeypatch.setattr(move_module, "CHECKPOINT_PACE", 0.0)
 
 
 def checkpoint_record(cursor: int, marks: list[int], region: int = MiB) -> dict[str, Any]:
@@ -67,16 +75,19 @@ def test_trusted_runs_leave_out_marked_regions_and_the_rest() -> None:
 
 
 async def test_resume_copies_what_the_record_does_not_trust_and_nothing_else() -> None:
-    """Checkpoint at 5 MiB, region 2 marked: the resumed move copies region 2 and 5..8 MiB,
-    and ends with identical files even where they differed."""
+    """Checkpoint at 5 MiB, region 2 marked: the resumed move compares region 2 (and copies
+    the one page there that differs) and copies 5..8 MiB, and ends with identical files even
+    where they differed."""
     data = bytearray(random.Random(1).randbytes(8 * MiB))
     src = MemoryFile("/src", bytes(data))
     dst = MemoryFile("/dst", bytes(data[: 5 * MiB]) + bytes(3 * MiB))
     src.data[2 * MiB + 100 : 2 * MiB + 200] = b"\xaa" * 100  # written, then the crash
     disk, move = await resumed_to_the_end(src, dst, 5 * MiB, [2])
     assert move.resumed_from == 5 * MiB
-    assert move.copied_bytes == 4 * MiB  # region 2, and 5..8 MiB
-    assert move.copied_bytes + move.synced_by_writes_bytes + move.hole_bytes == 8 * MiB
+    assert move.compared_bytes == MiB and move.found_equal_bytes == MiB - PAGE  # region 2
+    assert move.copied_bytes == PAGE + 3 * MiB  # its differing page, and 5..8 MiB
+    accounted = move.synced_by_writes_bytes + move.hole_bytes + move.found_equal_bytes
+    assert move.copied_bytes + accounted == 8 * MiB
     assert disk.primary is dst and dst.data == src.data
 
 
@@ -133,7 +144,7 @@ async def test_a_checkpoint_marks_the_regions_written_while_it_flushed(
 ) -> None:
     """A write that lands while a checkpoint flushes both files may not be durable on both:
     its region is in the record the checkpoint writes."""
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    checkpoint_whenever_none_runs(monkeypatch)
     monkeypatch.setattr(intent_module, "MIN_REGION", MiB)
     src = MemoryFile("/src", random.Random(2).randbytes(4 * MiB))
     storage = MemoryStorage(src)
@@ -170,7 +181,7 @@ async def test_a_region_written_in_the_last_interval_stays_marked_and_is_recopie
     will likely write there again: no journal write then), and the next one clears it if the
     region was left alone meanwhile.  Resumed from the record that kept it, the move copies
     that region again (the write may be on one file only)."""
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)  # whenever none is running
+    checkpoint_whenever_none_runs(monkeypatch)
     monkeypatch.setattr(intent_module, "MIN_REGION", MiB)
     size = 32 * MiB  # many chunks (1 MiB) after the write: several checkpoints
     data = random.Random(4).randbytes(size)
@@ -210,7 +221,8 @@ async def test_a_region_written_in_the_last_interval_stays_marked_and_is_recopie
         with trio.fail_after(WAIT):
             await move.finished_event.wait()
     assert move.phase is Phase.DONE, move.error
-    assert move.copied_bytes == MiB + size - cursor  # region 0, and all past the checkpoint
+    # Region 0 compared, its one written page copied; and all past the checkpoint.
+    assert move.compared_bytes == MiB and move.copied_bytes == PAGE + size - cursor
     assert dst.data == src.data
 
 
@@ -259,7 +271,7 @@ async def test_a_checkpoint_that_cannot_be_written_fails_the_move_back(
 ) -> None:
     """A checkpoint runs beside the copier; if its record cannot be written, the move fails
     back (the source serves on, untouched) and says why."""
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    checkpoint_whenever_none_runs(monkeypatch)
     data = random.Random(5).randbytes(4 * MiB)
     src = MemoryFile("/src", data)
     storage = MemoryStorage(src)
@@ -286,7 +298,7 @@ async def test_a_checkpoint_whose_flush_misses_the_deadline_fails_the_move_back(
     """The destination hangs in the checkpoint's flush (its own task, beside the copier): the
     deadline holds there too; the move fails back naming it, and nothing is logged as a crash
     of the move task (an error leaving the checkpoint's task would be, as an exception group)."""
-    monkeypatch.setattr(move_module, "CHECKPOINT_EVERY", 0.0)
+    checkpoint_whenever_none_runs(monkeypatch)
     data = random.Random(6).randbytes(4 * MiB)
     src = MemoryFile("/src", data)
     storage = MemoryStorage(src)
