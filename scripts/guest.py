@@ -382,16 +382,18 @@ class GuestRun:
         """A guest whose I/O stopped: say which side holds it, the disk's FUSE daemon (requests
         the kernel queued and the daemon has not answered; its Python stacks, with py-spy) or
         QEMU (where its threads sleep).  Written to a file; its first line is returned."""
-        report = [f"guest on {self._disk}, QEMU pid {self.proc.pid}"]
-        with contextlib.suppress(OSError):
-            report += _fuse_side(self._disk)
-        report.append("QEMU threads (name: kernel wait channel):")
+        try:
+            fuse = _fuse_side(self._disk)
+        except OSError as e:
+            fuse = [f"the disk's FUSE side could not be read: {e}"]
+        report = [f"guest on {self._disk}, QEMU pid {self.proc.pid}", *fuse]
+        report.append("QEMU threads (id, name, state, kernel function it sleeps in):")
         report += _threads(self.proc.pid)
         where = self._console_log.parent if self._console_log else Path(tempfile.gettempdir())
         path = where / f"guest-hang-{self._nonce}.txt"
         with contextlib.suppress(OSError):
             path.write_text("\n".join(report) + "\n")
-        return f" ({report[1] if len(report) > 1 else 'not a FUSE disk'}; details in {path})"
+        return f" ({fuse[0]}; details in {path})"
 
     def __enter__(self) -> "GuestRun":
         return self
