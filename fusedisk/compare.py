@@ -32,9 +32,6 @@ class Compared:
         self._starts = [a for a, _ in runs]
         self._ends = [b for _, b in runs]
 
-    def __bool__(self) -> bool:
-        return bool(self._starts)
-
     def pieces(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
         """[start, end) cut where compared ranges begin and end: (start, end, compared)."""
         i = bisect.bisect_right(self._ends, start)

@@ -198,15 +198,14 @@ class Intent:
 
 
 def trusted_runs(size: int, cursor: int, region: int, marks: set[int]) -> list[tuple[int, int]]:
-    """Byte ranges a resumed move trusts as in sync: below ``cursor`` and in no marked region."""
+    """Byte ranges a resumed move trusts as in sync: below ``cursor`` and in no marked region
+    (the gaps between :func:`marked_runs`)."""
     end, start = min(cursor, size), 0
     runs: list[tuple[int, int]] = []
-    for r in sorted(m for m in marks if m * region < end):
-        if r * region > start:
-            runs.append((start, r * region))
-        start = max(start, (r + 1) * region)
-    if start < end:
-        runs.append((start, end))
+    for a, b in [*marked_runs(size, cursor, region, marks), (end, end)]:
+        if start < a:
+            runs.append((start, a))
+        start = b
     return runs
 
 
