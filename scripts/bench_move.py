@@ -18,6 +18,12 @@ from fusedisk.units import parse_size
 SCENARIOS = {
     "idle": ("cp", "fusedisk-move", "fusedisk-move-deadline", "qsd-move"),
     "load": ("fusedisk-move", "fusedisk-move-deadline", "qsd-move", "floor", "floor-mirror"),
+    "lanes": (
+        "fusedisk-move",
+        "fusedisk-move-deadline",
+        "fusedisk-move-dropgil",
+        "fusedisk-move-deadline-dropgil",
+    ),
 }
 LABELS = {  # table columns
     "fusedisk-move": "fusedisk",
@@ -25,11 +31,13 @@ LABELS = {  # table columns
     "qsd-move": "qsd mirror (NBD export)",
     "floor": "floor",
     "floor-mirror": "floor-mirror",
+    "fusedisk-move-dropgil": "fusedisk, GIL dropped (FUSEDISK_KEEP_GIL=0)",
+    "fusedisk-move-deadline-dropgil": "with deadline, GIL dropped",
 }
 
 
 def options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scenarios", default="idle,load", help="idle, load (%(default)s)")
+    p.add_argument("--scenarios", default="idle,load", help="idle, load, lanes (%(default)s)")
     p.add_argument("--before", type=float, default=5, help="writer s before the move (5)")
     p.add_argument("--after", type=float, default=5, help="writer s after the move (5)")
     p.add_argument("--ramp", type=float, default=1.5, help="writer warm-up s, not counted (1.5)")
@@ -46,6 +54,8 @@ def run(args: argparse.Namespace) -> Result:
     1: worker threads and a deadline, as on network filesystems); qsd-move (blockdev-mirror).
     load: the same moves while fio writes 4 KiB at random, QD16, through the contender, and
     floor and floor-mirror under that writer with no move (their "during" is --before s long).
+    lanes: load's writer under fusedisk's moves only, inline and with the deadline, each as is
+    and with FUSEDISK_KEEP_GIL=0 (the source's mirrored writes drop the GIL).
     qsd-move serves through an NBD export (qemu-storage-daemon 7.2 cannot mirror a node under a
     writable FUSE export), its writer through fio's nbd engine. The writer's log splits exactly
     at each move's own start and end; qsd's switch pause is job-complete -> BLOCK_JOB_COMPLETED,
@@ -60,7 +70,8 @@ def run(args: argparse.Namespace) -> Result:
     with ExitStack() as stack:  # the remote, if any, for the whole run
         args.dest = bl.sshfs_destination(stack, args.dir / "remote") if args.remote else args.dir
         runs = bl.interleave(args.reps, plan, lambda entry: one(args, entry))
-    return [*idle_tables(runs, where), *load_tables(runs, where)], {"runs": runs}
+    tables = [*idle_tables(runs, where), *load_tables(runs, where), *lanes_tables(runs, where)]
+    return tables, {"runs": runs}
 
 
 def one(args: argparse.Namespace, entry: str) -> Run:
@@ -142,6 +153,7 @@ def idle_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
     fd = moves["fusedisk-move"]
     t.add("time / fusedisk's", *no_cp, *(bl.compare(m, fd)[1] for m in moves.values()))
     t.add("switch pause (ms)", *no_cp, *(bl.med(rs, "switch_pause_ms") for rs in movers.values()))
+    t.add("moves failed back", *no_cp, *(_failed_back(rs) for rs in movers.values()))
     t.add("copied / size", *no_cp, *(bl.med(rs, "copied_ratio") for rs in movers.values()))
     v = Table("Idle move targets", ["target", "fusedisk", "goal", "verdict"])
     v.target("move time / cp", over["fusedisk-move"], 1.2, at_most=True)
@@ -169,6 +181,7 @@ def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
         return bl.values(cols[name], "writer", window, "iops")
 
     row("move time (s)", "move_s")
+    t.add("moves failed back", *(_failed_back(c) for c in cols.values()))
     for window in ("before", "during", "after"):
         row(f"writer IOPS {window}", "writer", window, "iops", digits=0)
     t.add("IOPS during / before", *(bl.compare(iops(n), iops(n, "before"))[1] for n in cols))
@@ -200,3 +213,39 @@ def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
     }.items():
         v.target(label, bl.med(fd, *path), bl.med(qsd, *path), at_most=True)
     return [t, v]
+
+
+def lanes_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
+    cols = {name: runs.get(f"lanes {name}", []) for name in SCENARIOS["lanes"]}
+    if not any(cols.values()):
+        return []
+    t = Table(
+        f"The ways mirrored writes reach a local destination, moving {where} under the fio "
+        "4 KiB randwrite writer, QD16 (medians; ratios median/median, per repetition in brackets)",
+        ["", *(LABELS[name] for name in cols)],
+    )
+
+    def iops(name: str, window: str = "during") -> list[float]:
+        return bl.values(cols[name], "writer", window, "iops")
+
+    for window in ("before", "during"):
+        t.add(
+            f"writer IOPS {window}",
+            *(fmt(bl.med(c, "writer", window, "iops"), 0) for c in cols.values()),
+        )
+    t.add("IOPS during / before", *(bl.compare(iops(n), iops(n, "before"))[1] for n in cols))
+    t.add("IOPS during / inline's", *(bl.compare(iops(n), iops("fusedisk-move"))[1] for n in cols))
+    t.add(
+        "writer p99 during (ms)",
+        *(fmt(bl.med(c, "writer", "during", "p99_ms"), 2) for c in cols.values()),
+    )
+    t.add("move time (s)", *(fmt(bl.med(c, "move_s"), 1) for c in cols.values()))
+    v = Table("Lane target", ["target", "fusedisk", "goal", "verdict"])
+    machinery = bl.compare(iops("fusedisk-move-deadline"), iops("fusedisk-move"))
+    v.target("writer IOPS during, deadline / default (local: inline)", machinery, 0.9)
+    return [t, v]
+
+
+def _failed_back(runs: list[Run]) -> str:
+    """How many of ``runs``' moves failed back (their move figures are missing), of how many."""
+    return f"{sum(1 for r in runs if r.get('failed_back'))} of {len(runs)}" if runs else "-"

@@ -328,9 +328,13 @@ class FusediskMove:
 
     def wait(self) -> Run:
         out, err = self.proc.communicate(timeout=3600)
+        s = json.loads(out) if out.strip() else {}
+        if self.proc.returncode and s.get("phase") == "failed" and s.get("started"):
+            # Failed back (a remote past its deadline, say): a figure of its own, and the
+            # writer's "during" is the move until then.
+            return {"started": s["started"], "finished": time.time(), "failed_back": s["error"]}
         if self.proc.returncode:
             raise RuntimeError(f"fusedisk migrate failed: {err.strip()}")
-        s = json.loads(out)
         keys = ("switch_pause_ms", "copied_bytes", "mirrored_bytes", "synced_by_writes_bytes")
         return {
             "started": s["started"],
@@ -457,6 +461,16 @@ CONTENDERS = {
         "fusedisk-move with FUSEDISK_EARLY_WRITEBACK=0.5: both files' writeback started every "
         "0.5 s between checkpoints (sync_file_range)",
         FUSEDISK_EARLY_WRITEBACK="0.5",
+    ),
+    "fusedisk-move-dropgil": _move_with(
+        "fusedisk-move with FUSEDISK_KEEP_GIL=0: the source's mirrored writes drop the GIL in "
+        "their syscall (os.pwrite), as before 2026-12-02",
+        FUSEDISK_KEEP_GIL="0",
+    ),
+    "fusedisk-move-deadline-dropgil": Contender(
+        "fusedisk-move-deadline with FUSEDISK_KEEP_GIL=0",
+        functools.partial(serve_fusedisk, env={"FUSEDISK_KEEP_GIL": "0"}),
+        functools.partial(FusediskMove, options=("--dest-timeout", "1")),
     ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
     "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),
