@@ -55,30 +55,6 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 _fallocate = _load_fallocate()
 
 
-def _load_pwrite_keeping_gil() -> Callable[[int, bytes, int, int], int] | None:
-    """pwrite(2) through ctypes.PyDLL, which keeps the GIL during the call (os.pwrite drops it).
-
-    For the event loop's own writes while a move's threads (the destination's workers, the
-    copier's) run Python: each syscall that drops the GIL lets one of them take it, and every
-    such hand-over costs both threads a context switch (docs/benchmarks.md §2).  The event loop
-    waits for an inline call anyway, so dropping the GIL there only invites the hand-over.
-    Never for a file that may hang (the destination): a call that never returns would stop
-    every thread.  FUSEDISK_KEEP_GIL=0 turns it off (a benchmark knob)."""
-    if os.environ.get("FUSEDISK_KEEP_GIL", "1") == "0":
-        return None
-    try:
-        function = ctypes.PyDLL(None, use_errno=True).pwrite64
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64]
-    function.restype = ctypes.c_ssize_t
-    return cast(Callable[[int, bytes, int, int], int], function)
-
-
-# The power-loss model (tests/powerloss.py) sets this to None: it sees only the os module's calls.
-pwrite_keeping_gil = _load_pwrite_keeping_gil()
-
-
 class ImageFile(Protocol):
     """One open image file.  Implementations: :class:`PosixFile`, and in-memory fakes in tests."""
 
@@ -87,11 +63,6 @@ class ImageFile(Protocol):
     def pread(self, size: int, offset: int) -> bytes: ...
 
     def pwrite(self, data: bytes, offset: int) -> None: ...
-
-    def pwrite_from_loop(self, data: bytes, offset: int) -> None:
-        """:meth:`pwrite`, for the event loop's thread while other threads of ours run (a
-        file that serves the disk only: it may not drop the GIL while it waits)."""
-        ...
 
     def size(self) -> int: ...
 
@@ -179,18 +150,6 @@ class PosixFile:
             if n == 0:
                 raise OSError(errno.EIO, f"short write at offset {offset + done}", self.path)
             done += n
-
-    def pwrite_from_loop(self, data: bytes, offset: int) -> None:
-        """:meth:`pwrite`, keeping the GIL through the syscall (``_load_pwrite_keeping_gil``)."""
-        write = pwrite_keeping_gil
-        if write is None or not isinstance(data, bytes):
-            return self.pwrite(data, offset)
-        while (done := write(self.fd, data, len(data), offset)) < 0:
-            code = ctypes.get_errno()
-            if code != errno.EINTR:  # retried, as the os module retries its own calls
-                raise OSError(code, os.strerror(code), self.path)
-        if done < len(data):
-            self.pwrite(data[done:], offset + done)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

@@ -69,11 +69,6 @@ class FileCall:
     def __call__(self, file: ImageFile) -> None:
         getattr(file, self.method)(*self.args)
 
-    def from_loop(self, file: ImageFile) -> None:
-        """The same, made by the event loop's thread on the file serving the disk: a write
-        keeps the GIL (:meth:`fusedisk.backend.PosixFile.pwrite_from_loop`)."""
-        getattr(file, "pwrite_from_loop" if self.method == "pwrite" else self.method)(*self.args)
-
 
 class Call(Generic[T]):
     """One operation submitted to a worker; its outcome is set in the event loop's thread."""

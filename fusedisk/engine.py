@@ -228,7 +228,7 @@ class Disk:
         if mirror is not None and not refused:
             call = mirror.submit(operation, f"{what} {where}")
         try:
-            operation.from_loop(self.primary)
+            operation(self.primary)
         except OSError as e:
             if e.errno not in refused:
                 self._source_failed(f"{what} {where}", e)

@@ -18,12 +18,7 @@ from fusedisk.units import parse_size
 SCENARIOS = {
     "idle": ("cp", "fusedisk-move", "fusedisk-move-deadline", "qsd-move"),
     "load": ("fusedisk-move", "fusedisk-move-deadline", "qsd-move", "floor", "floor-mirror"),
-    "lanes": (
-        "fusedisk-move",
-        "fusedisk-move-deadline",
-        "fusedisk-move-dropgil",
-        "fusedisk-move-deadline-dropgil",
-    ),
+    "lanes": ("fusedisk-move", "fusedisk-move-deadline"),
 }
 LABELS = {  # table columns
     "fusedisk-move": "fusedisk",
@@ -31,8 +26,6 @@ LABELS = {  # table columns
     "qsd-move": "qsd mirror (NBD export)",
     "floor": "floor",
     "floor-mirror": "floor-mirror",
-    "fusedisk-move-dropgil": "fusedisk, GIL dropped (FUSEDISK_KEEP_GIL=0)",
-    "fusedisk-move-deadline-dropgil": "with deadline, GIL dropped",
 }
 
 
@@ -54,8 +47,8 @@ def run(args: argparse.Namespace) -> Result:
     1: worker threads and a deadline, as on network filesystems); qsd-move (blockdev-mirror).
     load: the same moves while fio writes 4 KiB at random, QD16, through the contender, and
     floor and floor-mirror under that writer with no move (their "during" is --before s long).
-    lanes: load's writer under fusedisk's moves only, inline and with the deadline, each as is
-    and with FUSEDISK_KEEP_GIL=0 (the source's mirrored writes drop the GIL).
+    lanes: load's writer under fusedisk's two moves only, inline and with the deadline (the
+    cost of the deadline's worker threads, without the other contenders' time).
     qsd-move serves through an NBD export (qemu-storage-daemon 7.2 cannot mirror a node under a
     writable FUSE export), its writer through fio's nbd engine. The writer's log splits exactly
     at each move's own start and end; qsd's switch pause is job-complete -> BLOCK_JOB_COMPLETED,

@@ -462,16 +462,6 @@ CONTENDERS = {
         "0.5 s between checkpoints (sync_file_range)",
         FUSEDISK_EARLY_WRITEBACK="0.5",
     ),
-    "fusedisk-move-dropgil": _move_with(
-        "fusedisk-move with FUSEDISK_KEEP_GIL=0: the source's mirrored writes drop the GIL in "
-        "their syscall (os.pwrite), as before 2026-12-02",
-        FUSEDISK_KEEP_GIL="0",
-    ),
-    "fusedisk-move-deadline-dropgil": Contender(
-        "fusedisk-move-deadline with FUSEDISK_KEEP_GIL=0",
-        functools.partial(serve_fusedisk, env={"FUSEDISK_KEEP_GIL": "0"}),
-        functools.partial(FusediskMove, options=("--dest-timeout", "1")),
-    ),
     "qsd-move": Contender("qsd-nbd, moved by blockdev-mirror write-blocking", nbd, QsdMirror),
     "cp": Contender("`cp SRC DST`, fdatasync DST, rm SRC and fsync the directory", serve_raw),
 }

@@ -61,8 +61,6 @@ class MemoryFile:
         first, last = offset // PAGE, -(-(offset + len(data)) // PAGE)
         self.allocated[first:last] = b"\x01" * (last - first)
 
-    pwrite_from_loop = pwrite
-
     def _resize(self, size: int) -> None:
         if size < len(self.data):
             del self.data[size:]

@@ -304,8 +304,6 @@ def recording(monkeypatch: pytest.MonkeyPatch, roots: list[str]) -> Iterator[Rec
     with monkeypatch.context() as patch:
         for module in MODULES:
             patch.setattr(module, "os", recorder)
-        # Its ctypes call would go around the recorder.
-        patch.setattr(fusedisk.backend, "pwrite_keeping_gil", None)
         yield recorder
 
 
