@@ -97,48 +97,62 @@ def fio_job(args: argparse.Namespace, job: bl.Job, served: bl.Served) -> Run:
 
 
 def memory_options(p: argparse.ArgumentParser) -> None:
-    p.set_defaults(reps=1)  # each size once; --size is not used
+    p.set_defaults(reps=1)  # each size once unless --reps; --size is not used
     p.add_argument("--sizes", nargs="+", default=["1G", "1T", "64T"], help="%(default)s")
     p.add_argument("--data", type=int, default=1024, help="MiB of data (%(default)s)")
+    p.add_argument(
+        "--writer-iops",
+        type=int,
+        default=5000,
+        help="the writer's rate limit, 0: none (%(default)s; unthrottled, each write a new page "
+        "of both files, a tmpfs --dir outgrows memory before a 1 TiB move ends)",
+    )
 
 
 def memory(args: argparse.Namespace) -> Result:
     """peak RSS and switch pause moving sparse images up to 64 TiB under a writer.
 
     A sparse image of each of --sizes holding --data MiB in 16 MiB extents spread evenly, moved
-    while fio writes 4 KiB at random offsets across all of it (without fio's random map): the
-    daemon's peak RSS (VmHWM) before and after, the switch pause, and the move's single-pass
-    accounting (copied + synced by writes + holes = size). Sizes past the filesystem's limit
-    (ext4: 16 TiB) need --dir on tmpfs or xfs, like /dev/shm."""
+    while fio writes 4 KiB at random offsets across all of it (without fio's random map, at most
+    --writer-iops): the daemon's peak RSS (VmHWM) before and after, the switch pause, and the
+    move's single-pass accounting (copied + synced by writes + holes = size). Sizes past the
+    filesystem's limit (ext4: 16 TiB) need --dir on tmpfs or xfs, like /dev/shm."""
     table = Table(
         f"Moving a sparse image holding {args.data} MiB of data while fio writes 4 KiB at "
-        "random offsets across the whole disk (QD16): the daemon's peak RSS, the switch pause",
+        f"random offsets across the whole disk (QD16, at most {args.writer_iops or 'any'} "
+        "IOPS): the daemon's peak RSS, the switch pause",
         [
             *("virtual size", "RSS before (MiB)", "RSS after (MiB), <= 64", "pause (ms), <= 2"),
             "move (s)",
             *("copied (MiB)", "synced by writes (MiB)", "holes (GiB)", "accounting", "writer IOPS"),
         ],
     )
-    runs: dict[str, Run] = {}
     data = args.data * MiB
-    for size in args.sizes:
+    plan = [f"{size} {rep + 1}" for rep in range(args.reps) for size in args.sizes]
+    runs: dict[str, Run] = {}
+    for entry in plan:  # each size in turn, then again: the machine's noise hits all alike
+        bl.log(f"moving {entry.replace(' ', ', repetition ')}")
+        size = entry.split()[0]
         with ExitStack() as stack:
             image, dest = args.dir / f"rss-{size}.img", args.dir / f"rss-{size}.dest"
             served, move = bl.prepare(stack, "fusedisk-move", image, parse_size(size), dest, data)
             assert move is not None
             before = peak_rss_kib(served.pid)
             prefix = args.dir / f"rss-{size}-writer"
-            writer = bl.Writer(stack, served, prefix, ["--norandommap=1"])
+            limit = [f"--rate_iops={args.writer_iops}"] if args.writer_iops else []
+            writer = bl.Writer(stack, served, prefix, ["--norandommap=1", *limit])
             started = time.time()
             move.start(0)
             r = move.wait()
             r["writer"] = writer.stop({"during": started})["during"]
             r["rss_before_kib"], r["rss_after_kib"] = before, peak_rss_kib(served.pid)
-            runs[size] = r
+            runs[entry] = r
+    for entry in sorted(plan, key=lambda e: (args.sizes.index(e.split()[0]), e)):
+        r = runs[entry]
         total = r["copied_bytes"] + r["synced_by_writes_bytes"] + r["hole_bytes"]
         table.add(
-            size,
-            f"{before / 1024:.0f}",
+            entry.split()[0] if args.reps == 1 else entry.replace(" ", " #"),
+            f"{r['rss_before_kib'] / 1024:.0f}",
             f"{r['rss_after_kib'] / 1024:.0f} {bl.verdict(r['rss_after_kib'] / 1024, 64, True)}",
             f"{r['switch_pause_ms']:.2f} {bl.verdict(r['switch_pause_ms'], 2, at_most=True)}",
             r["move_s"],
