@@ -261,10 +261,12 @@ def crash_during_move(
     writer_seed: int,
     what: str,
     once_done: bool = False,
+    rate: int = RATE,
 ) -> AfterKill:
-    """Serve, write, move, and have the daemon die (failpoint or SIGKILL ``kill_after`` seconds
-    after ``migrate --detach`` returned, or with ``once_done`` after the move reported done).
-    Returns with the daemon dead, the writer stopped and the stale mount cleared."""
+    """Serve, write, move (at ``rate``), and have the daemon die (failpoint or SIGKILL
+    ``kill_after`` seconds after the move started, as the daemon timed it, or with
+    ``once_done`` after the move reported done).  Returns with the daemon dead, the writer
+    stopped and the stale mount cleared."""
     env = clean_env()
     if crash_at:
         env[CRASH_ENV] = crash_at
@@ -287,7 +289,7 @@ def crash_during_move(
 
         wait_for(lambda: running.log.flushes >= WARM_UP_FLUSHES, "first flushed writes", alive)
         args: list[str | Path] = ["migrate", layout.mountpoint, layout.dest, "--detach"]
-        args += ["--rate", str(RATE)] + (["--keep-source"] if keep_source else [])
+        args += ["--json", "--rate", str(rate)] + (["--keep-source"] if keep_source else [])
         migrate = cli(*args)
         if crash_at != "mirroring-started":  # that one dies before it can reply
             assert migrate.returncode == 0, f"{what}: {migrate.stderr}"
@@ -302,8 +304,12 @@ def crash_during_move(
             wait_for(finished, "the move's end", alive)
             assert phase == "done", f"{what}: the move ended {phase}"
         if kill_after is not None:
+            # From the move's start, not from `migrate`'s return: on a loaded machine the CLI
+            # can take half a second to exit, and the copy pass goes on meanwhile.
+            if not once_done:
+                kill_after = json.loads(migrate.stdout)["started"] + kill_after - time.time()
             with suppress(subprocess.TimeoutExpired):  # the random moment: not a synchronisation
-                code = daemon.wait(timeout=kill_after)
+                code = daemon.wait(timeout=max(0.0, kill_after))
                 raise AssertionError(f"{what}: daemon exited {code} before the kill")
             os.kill(daemon.pid, signal.SIGKILL)
         try:
@@ -520,9 +526,10 @@ def kill_plan(seed: int) -> tuple[str, bool]:
 def test_random_kill_during_move(tmp_path: Path, seed: int) -> None:
     """SIGKILL in a phase chosen by turn, at a moment in it drawn from the seed:
 
-    - mirroring: in the first 60% of the copy pass, which the rate limit keeps from ending
-      sooner than IMAGE_SIZE / RATE after it started (and `migrate --detach` returns within
-      milliseconds of the start);
+    - mirroring: in the first 0.6 * IMAGE_SIZE / RATE s after the move started (the daemon's
+      own start time), at half RATE, which keeps the copy pass from ending sooner than twice
+      that after it started: a `migrate` that returns late on a loaded machine (the kill
+      cannot come sooner) still kills in the copy pass;
     - switching: between the durable switch record and the end of the cleanup, at one of the
       failpoints there (right after the record; after deleting the source, when it is deleted);
     - after: up to 0.3 s after the move reported done.
@@ -532,9 +539,13 @@ def test_random_kill_during_move(tmp_path: Path, seed: int) -> None:
     phase, keep_source = kill_plan(seed)
     crash_at: str | None = None
     kill_after: float | None = None
+    rate = RATE
     if phase == "mirroring":
         kill_after = rng.uniform(0.0, 0.6 * IMAGE_SIZE / RATE)
         moment = f"SIGKILL {kill_after:.3f} s into the copy pass"
+        # A pass twice as long as the window the kill is drawn from: on a loaded machine
+        # `migrate` may return late, and the kill cannot come before it does.
+        rate = RATE // 2
     elif phase == "switching":
         crash_at = "switch-recorded" if keep_source or rng.random() < 0.5 else "source-deleted"
         moment = f"killed at {crash_at}"
@@ -551,6 +562,7 @@ def test_random_kill_during_move(tmp_path: Path, seed: int) -> None:
         writer_seed=seed,
         what=what,
         once_done=phase == "after",
+        rate=rate,
     )
     assert after.phase == KILL_PHASES[phase], f"{what}: the kill left the journal {after.journal}"
     served = check_recovery(layout, after, keep_source=keep_source, what=what)
