@@ -527,9 +527,9 @@ def test_random_kill_during_move(tmp_path: Path, seed: int) -> None:
     """SIGKILL in a phase chosen by turn, at a moment in it drawn from the seed:
 
     - mirroring: in the first 0.6 * IMAGE_SIZE / RATE s after the move started (the daemon's
-      own start time), at half RATE, which keeps the copy pass from ending sooner than twice
-      that after it started: a `migrate` that returns late on a loaded machine (the kill
-      cannot come sooner) still kills in the copy pass;
+      own start time), in a move at half RATE, whose copy pass cannot end sooner than
+      2 * IMAGE_SIZE / RATE after it started: a `migrate` that returns late on a loaded
+      machine (the kill cannot come sooner) still kills in the copy pass;
     - switching: between the durable switch record and the end of the cleanup, at one of the
       failpoints there (right after the record; after deleting the source, when it is deleted);
     - after: up to 0.3 s after the move reported done.
@@ -543,8 +543,8 @@ def test_random_kill_during_move(tmp_path: Path, seed: int) -> None:
     if phase == "mirroring":
         kill_after = rng.uniform(0.0, 0.6 * IMAGE_SIZE / RATE)
         moment = f"SIGKILL {kill_after:.3f} s into the copy pass"
-        # A pass twice as long as the window the kill is drawn from: on a loaded machine
-        # `migrate` may return late, and the kill cannot come before it does.
+        # The pass then lasts over three times the window the kill is drawn from: on a
+        # loaded machine `migrate` may return late, and the kill cannot come before it does.
         rate = RATE // 2
     elif phase == "switching":
         crash_at = "switch-recorded" if keep_source or rng.random() < 0.5 else "source-deleted"
