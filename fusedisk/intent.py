@@ -47,8 +47,8 @@ KEEP_EPOCHS = 1
 # Pacing (FUSEDISK_CHECKPOINT_PACE, 0: none): the next checkpoint begins no sooner than this many
 # times as long as the last one's flush took, after it ended, so that under a writer dirtying
 # pages faster than the disk writes them back flushes fill at most 1/(1+PACE) of the time
-# (a 1 TiB sparse disk under a random writer kept 0.60 of its IOPS with it, 0.45 without;
-# docs/benchmarks.md §8).
+# (in a move's first 20 s a 1 TiB sparse disk under a random writer kept 0.60 of its IOPS with
+# it, 0.45 without; over 90 s, with it, the record cost nothing measurable: benchmarks §8).
 CHECKPOINT_PACE = float(os.environ.get("FUSEDISK_CHECKPOINT_PACE", "4"))
 # FUSEDISK_EARLY_WRITEBACK (seconds, 0: never): while a move keeps a record, start the
 # writeback of both files' dirty pages this often, so that a checkpoint's flush finds less to

@@ -29,6 +29,9 @@ LABELS = {  # table columns
 }
 
 
+MACHINERY = "writer IOPS during, deadline / default (local: inline)"  # the deadline's cost
+
+
 def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenarios", default="idle,load", help="idle, load, lanes (%(default)s)")
     p.add_argument("--before", type=float, default=5, help="writer s before the move (5)")
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace) -> Result:
     with ExitStack() as stack:  # the remote, if any, for the whole run
         args.dest = bl.sshfs_destination(stack, args.dir / "remote") if args.remote else args.dir
         runs = bl.interleave(args.reps, plan, lambda entry: one(args, entry))
-    tables = [*idle_tables(runs, where), *load_tables(runs, where), *lanes_tables(runs, where)]
+    tables = [*idle_tables(runs, where), *load_tables(runs, where)]
+    tables += load_tables(runs, where, "lanes")
     return tables, {"runs": runs}
 
 
@@ -156,14 +160,20 @@ def idle_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
     return [t, v]
 
 
-def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
-    cols = {name: runs.get(f"load {name}", []) for name in SCENARIOS["load"]}
+def load_tables(runs: dict[str, list[Run]], where: str, scenario: str = "load") -> list[Table]:
+    """The tables of the load scenario, or of lanes (its writer, fusedisk's moves only)."""
+    cols = {name: runs.get(f"{scenario} {name}", []) for name in SCENARIOS[scenario]}
     if not any(cols.values()):
         return []
     t = Table(
         f"Moving {where} under a fio 4 KiB randwrite writer, QD16 (medians; ratios "
-        "median/median, per repetition in brackets; the floors do not move: their 'during' is "
-        "--before s long; qsd's writer goes through NBD)",
+        "median/median, per repetition in brackets"
+        + (
+            "; the floors do not move: their 'during' is --before s long; qsd's writer goes "
+            "through NBD)"
+            if scenario == "load"
+            else "; fusedisk's moves only: inline and with the deadline's worker threads)"
+        ),
         ["", *(LABELS[name] for name in cols)],
     )
 
@@ -179,7 +189,8 @@ def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
         row(f"writer IOPS {window}", "writer", window, "iops", digits=0)
     t.add("IOPS during / before", *(bl.compare(iops(n), iops(n, "before"))[1] for n in cols))
     for peer in ("floor", "floor-mirror", "qsd-move", "fusedisk-move-deadline"):
-        t.add(f"IOPS during / {peer}'s", *(bl.compare(iops(n), iops(peer))[1] for n in cols))
+        if peer in cols:
+            t.add(f"IOPS during / {peer}'s", *(bl.compare(iops(n), iops(peer))[1] for n in cols))
     row("worst 1 s IOPS during", "writer", "during", "min_1s_iops", digits=0)
     for window in ("before", "during", "after"):
         row(f"writer p99 {window} (ms)", "writer", window, "p99_ms")
@@ -189,12 +200,15 @@ def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
     row("bytes copied / size", "copied_ratio", digits=3)
 
     v = Table("Targets under load", ["target", "fusedisk", "goal", "verdict"])
+    machinery = bl.compare(iops("fusedisk-move-deadline"), iops("fusedisk-move"))
+    if scenario == "lanes":  # only the deadline's cost
+        v.target(MACHINERY, machinery, 0.9)
+        return [t, v]
     fd, qsd = cols["fusedisk-move"], cols["qsd-move"]
     kept = bl.compare(iops("fusedisk-move"), iops("fusedisk-move", "before"))
     v.target("writer IOPS during / before", kept, 0.7)
     v.target("writer IOPS during / floor's", bl.compare(iops("fusedisk-move"), iops("floor")), 0.5)
-    machinery = bl.compare(iops("fusedisk-move-deadline"), iops("fusedisk-move"))
-    v.target("writer IOPS during, deadline / default (local: inline)", machinery, 0.9)
+    v.target(MACHINERY, machinery, 0.9)
     qsd_kept = bl.compare(iops("qsd-move"), iops("qsd-move", "before"))[0]
     v.target("writer IOPS during / before, at least qsd's", kept, qsd_kept)
     v.target("switch pause (ms)", bl.med(fd, "switch_pause_ms"), 10, at_most=True)
@@ -205,37 +219,6 @@ def load_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
         "writer max during at most qsd's (ms)": ("writer", "during", "max_ms"),
     }.items():
         v.target(label, bl.med(fd, *path), bl.med(qsd, *path), at_most=True)
-    return [t, v]
-
-
-def lanes_tables(runs: dict[str, list[Run]], where: str) -> list[Table]:
-    cols = {name: runs.get(f"lanes {name}", []) for name in SCENARIOS["lanes"]}
-    if not any(cols.values()):
-        return []
-    t = Table(
-        f"The ways mirrored writes reach a local destination, moving {where} under the fio "
-        "4 KiB randwrite writer, QD16 (medians; ratios median/median, per repetition in brackets)",
-        ["", *(LABELS[name] for name in cols)],
-    )
-
-    def iops(name: str, window: str = "during") -> list[float]:
-        return bl.values(cols[name], "writer", window, "iops")
-
-    for window in ("before", "during"):
-        t.add(
-            f"writer IOPS {window}",
-            *(fmt(bl.med(c, "writer", window, "iops"), 0) for c in cols.values()),
-        )
-    t.add("IOPS during / before", *(bl.compare(iops(n), iops(n, "before"))[1] for n in cols))
-    t.add("IOPS during / inline's", *(bl.compare(iops(n), iops("fusedisk-move"))[1] for n in cols))
-    t.add(
-        "writer p99 during (ms)",
-        *(fmt(bl.med(c, "writer", "during", "p99_ms"), 2) for c in cols.values()),
-    )
-    t.add("move time (s)", *(fmt(bl.med(c, "move_s"), 1) for c in cols.values()))
-    v = Table("Lane target", ["target", "fusedisk", "goal", "verdict"])
-    machinery = bl.compare(iops("fusedisk-move-deadline"), iops("fusedisk-move"))
-    v.target("writer IOPS during, deadline / default (local: inline)", machinery, 0.9)
     return [t, v]
 
 
