@@ -283,7 +283,8 @@ def _format_status(s: dict[str, Any], log: str | None = None) -> str:
                 f"{human(s.get('found_equal_bytes', 0))} of it equal (not written)"
             )
         if s["switch_pause_ms"] is not None:
-            lines.append(f"switch:  I/O held for {s['switch_pause_ms']:.3f} ms")
+            steps = ", ".join(f"{k} {v:g}" for k, v in s.get("switch_steps_ms", {}).items())
+            lines.append(f"switch:  I/O held for {s['switch_pause_ms']:.3f} ms ({steps})")
         if s["error"]:
             lines.append(f"error:   {s['error']}")
     if log is not None:
@@ -496,8 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dest-timeout",
         metavar="SECONDS",
         help=f"longest guest I/O may wait for DEST before the move fails back (default: "
-        f"{DEST_TIMEOUT:g} on network and FUSE filesystems, 0 on local ones; 0: no bound, DEST "
-        "is written inline)",
+        f"{DEST_TIMEOUT:g}; 0: no bound, DEST is written inline by the daemon's event loop)",
     )
     p.add_argument("--detach", action="store_true", help="return once the move has started")
     p.add_argument("--json", action="store_true", help="print the final status as JSON")

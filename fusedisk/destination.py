@@ -8,7 +8,9 @@ waits for each at most ``deadline`` seconds.  Mirrored writes and truncates have
 themselves, which keeps overlapping writes in the order the guest issued them and never puts a
 write behind a 1 MiB copy or a flush; the copier's chunks, flushes, verify's reads and the checks
 before the switch share the other.  (The copier and the writes are kept apart by the range locks,
-as with no threads.)
+as with no threads.)  For a real file the write lane is a native thread (fusedisk/_lane.c) that
+never takes the GIL, so it costs the event loop, which serves every guest request, no turns at
+it; the watchdog's task reaps what it finished (docs/design.md, "The destination").
 
 When a call fails or misses its deadline the move fails back, and the destination is abandoned:
 its waiters are answered at once, calls still queued never run, and the last worker to end
@@ -17,9 +19,8 @@ the descriptor, so a write that lands late lands in the abandoned file, never in
 reused the descriptor's number; and the next move gets new workers, so it never waits behind
 dead ones.
 
-With ``deadline == 0`` there are no workers: calls run inline as plain syscalls, and bulk calls in
-trio's threads, with no bound (for local storage that fails rather than hangs; it saves the
-hand-off, see docs/benchmarks.md).
+With ``deadline == 0`` (``--dest-timeout 0``) there are no workers: calls run inline as plain
+syscalls, and bulk calls in trio's threads, with no bound.
 """
 
 from __future__ import annotations
@@ -28,17 +29,23 @@ import contextlib
 import enum
 import errno
 import logging
+import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import outcome
 import trio
 
-from fusedisk.backend import ImageFile
+from fusedisk.backend import ImageFile, PosixFile
+
+try:
+    from fusedisk._lane import Lane as NativeLane
+except ImportError:  # not built (no C compiler at install): the write lane is a Python thread
+    NativeLane = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +113,15 @@ class Destination:
         self._closed = False
         self._keep_open = False  # released: the file serves the disk now
         self._ended = trio.Event()  # given up or released: the watchdog's work is done
+        self._native: NativeLane | None = None  # the write lane, when it is a native thread
         if deadline > 0:
             self._token = trio.lowlevel.current_trio_token()
-            for lane in Lane:
+            lanes = list(Lane)
+            if _native_lane_for(file):
+                assert isinstance(file, PosixFile)
+                self._native = NativeLane(file.fd)
+                lanes.remove(Lane.WRITES)
+            for lane in lanes:
                 work: queue.SimpleQueue[Call[object] | None] = queue.SimpleQueue()
                 self._queues[lane] = work
                 # Daemon threads: one stuck in the kernel must not keep the process alive.
@@ -128,6 +141,14 @@ class Destination:
         """Reached through worker threads (with a deadline), not inline."""
         return bool(self._queues)
 
+    @property
+    def writes_through(self) -> str:
+        """How mirrored writes reach the file (for the status): "inline", "native thread" or
+        "python thread"."""
+        if not self._queues:
+            return "inline"
+        return "native thread" if self._native is not None else "python thread"
+
     # ---- the event loop's side -----------------------------------------------------------
 
     def submit(self, operation: Operation[T], what: str, lane: Lane = Lane.WRITES) -> Call[T]:
@@ -141,7 +162,10 @@ class Destination:
         else:
             call.submitted = time.monotonic()
             self._pending[lane].append(call)  # type: ignore[arg-type]
-            self._queues[lane].put(call)  # type: ignore[arg-type]
+            if lane is Lane.WRITES and self._native is not None:
+                _submit_native(self._native, call, operation)
+            else:
+                self._queues[lane].put(call)  # type: ignore[arg-type]
         return call
 
     async def wait(self, call: Call[T]) -> T:
@@ -162,27 +186,42 @@ class Destination:
     async def watch(self, overdue: Callable[[str], None]) -> None:
         """Until the destination is given up or released: when the oldest call in a lane has
         waited longer than the deadline, give the destination up (answering every waiter) and
-        tell ``overdue`` why.  Checks every eighth of the deadline."""
+        tell ``overdue`` why.  Checks every eighth of the deadline.  Also reaps the native
+        write lane's finished calls, as they come."""
         if not self._queues:
             return
-        while not self.abandoned:
-            with trio.move_on_after(self.deadline / 8):
-                await self._ended.wait()
-            now = time.monotonic()
-            for lane, calls in self._pending.items():
-                if calls and now - calls[0].submitted > self.deadline:
-                    # The call its worker is stuck in (the ones before it may be done, their
-                    # results on the way in the same batch).
-                    current = self._in_call.get(lane)
-                    stuck = current if current is not None and current.result is None else calls[0]
-                    late = DestinationTimeout(self.path, stuck.what, self.deadline)
-                    self._answer(stuck, outcome.Error(late))
-                    try:
-                        overdue(str(late.strerror))
-                    except Exception:  # never into the daemon's nursery: it serves the disk
-                        log.exception("reporting a late destination failed")
-                    self.abandon()
-                    return
+        async with trio.open_nursery() as nursery:
+            if self._native is not None:
+                nursery.start_soon(self._reap_native, self._native)
+            while not self.abandoned:
+                with trio.move_on_after(self.deadline / 8):
+                    await self._ended.wait()
+                self._check_deadline(overdue)
+            nursery.cancel_scope.cancel()
+
+    def _check_deadline(self, overdue: Callable[[str], None]) -> None:
+        now = time.monotonic()
+        for lane, calls in self._pending.items():
+            if calls and now - calls[0].submitted > self.deadline:
+                # The call its worker is stuck in (the ones before it may be done, their
+                # results on the way in the same batch).
+                current = self._in_call.get(lane)
+                stuck = current if current is not None and current.result is None else calls[0]
+                late = DestinationTimeout(self.path, stuck.what, self.deadline)
+                self._answer(stuck, outcome.Error(late))
+                try:
+                    overdue(str(late.strerror))
+                except Exception:  # never into the daemon's nursery: it serves the disk
+                    log.exception("reporting a late destination failed")
+                self.abandon()
+                return
+
+    async def _reap_native(self, native: NativeLane) -> None:
+        """Hand the native lane's finished calls to their waiters, a batch per wake-up."""
+        while True:
+            await trio.lowlevel.wait_readable(native.fileno())
+            done = [(call, _outcome(code, self.path)) for call, code in native.reap()]
+            self._complete(Lane.WRITES, done)
 
     async def run(self, operation: Operation[T], what: str, lane: Lane = Lane.BULK) -> T:
         """A bulk operation (a chunk, a flush): in a worker with the deadline, or with no
@@ -201,7 +240,7 @@ class Destination:
         """Return once every write submitted so far has landed (a barrier in their lane; with
         no threads every write landed when it was submitted)."""
         if self._queues:
-            await self.run(lambda f: None, "earlier mirrored writes", Lane.WRITES)
+            await self.run(_barrier, "earlier mirrored writes", Lane.WRITES)
 
     def abandon(self) -> None:
         """Give the destination up: answer every waiter now, run nothing more, and close the
@@ -226,10 +265,14 @@ class Destination:
         self._stop_workers()
         for thread in self._threads:
             thread.join(timeout=self.deadline)  # idle: they return at once
+        if self._native is not None:
+            self._native.join(self.deadline)
         return self.file
 
     def _stop_workers(self) -> None:
         self._ended.set()
+        if self._native is not None:
+            self._native.stop()  # it closes its own descriptor when its current call returns
         for work in self._queues.values():
             work.put(None)
 
@@ -292,6 +335,36 @@ class Destination:
                 last = self._running == 0
             if last:  # only now can no call use the descriptor any more
                 self._close_once()
+
+
+def _barrier(file: ImageFile) -> None:
+    """Nothing: in the write lane, done once every write submitted before it is."""
+
+
+def _native_lane_for(file: ImageFile) -> bool:
+    """Whether the write lane can be native: built, and a real descriptor to write
+    (``FUSEDISK_DEST_LANE=threads`` asks for the Python thread, to compare them)."""
+    wanted = os.environ.get("FUSEDISK_DEST_LANE", "native") != "threads"
+    return wanted and NativeLane is not None and type(file) is PosixFile
+
+
+# The write lane's operations the native thread runs (FileCall methods; and the barrier).
+NATIVE_METHODS = frozenset({"pwrite", "truncate", "fallocate"})
+
+
+def _submit_native(native: NativeLane, call: Call[Any], operation: Operation[Any]) -> None:
+    if operation is _barrier:
+        native.barrier(call)
+    elif isinstance(operation, FileCall) and operation.method in NATIVE_METHODS:
+        getattr(native, operation.method)(call, *operation.args)
+    else:
+        raise TypeError(f"the native write lane cannot run {operation!r}")
+
+
+def _outcome(code: int, path: str) -> outcome.Outcome[object]:
+    if code == 0:
+        return outcome.Value(None)
+    return outcome.Error(OSError(code, os.strerror(code), path))
 
 
 async def bounded(deadline: float, what: str, path: str, operation: Callable[[], T]) -> T:

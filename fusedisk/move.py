@@ -80,6 +80,7 @@ class Move:
         self.source, self.dest = source, dest
         self.keep_source, self.verify = keep_source, verify
         self.dest_timeout = dest_timeout  # seconds any guest I/O may wait for the destination
+        self.dest_writes = "not yet"  # how mirrored writes reach the destination (status)
         self.phase = Phase.IDLE
         self.step = "starting"
         self.error: str | None = None
@@ -100,6 +101,7 @@ class Move:
         self.found_equal_bytes = 0
         self.verified_bytes = 0
         self.switch_pause_ms: float | None = None
+        self.switch_steps_ms: dict[str, float] = {}  # where the held time went, step by step
         self.resumed_from: int | None = None  # resumed after a crash: the checkpoint's cursor
         self.intent: Intent | None = None  # its write-intent record (fusedisk.intent)
         self.started = time.time()
@@ -133,6 +135,7 @@ class Move:
 
     def begin(self, destination: Destination, resized: Call[None]) -> None:
         self.destination, self._resized = destination, resized
+        self.dest_writes = destination.writes_through
         self.set_phase(Phase.MIRRORING)
 
     def fail(self, reason: str) -> None:
@@ -205,10 +208,12 @@ class Move:
             "rate_limit": self._rate_limit,
             "rate": round(self.recent_rate()),
             "switch_pause_ms": self.switch_pause_ms,
+            "switch_steps_ms": self.switch_steps_ms,
             "resumed_from": self.resumed_from,
             **(self.intent.status() if self.intent is not None else {}),
             "keep_source": self.keep_source,
             "dest_timeout": self.dest_timeout,
+            "dest_writes": self.dest_writes,
             "verify": self.verify,
             "started": self.started,
             "finished": self.finished,
@@ -433,24 +438,46 @@ async def _switch(disk: Disk, move: Move) -> None:
     await trio.to_thread.run_sync(disk.storage.prepare_journal, move.source, record)
     await dest.run(lambda f: f.check_in_place(), "checking the destination")
     move.step = "holding I/O"
+    # The guest's pause starts when new I/O is held, before the I/O in flight has drained.
+    hold_started = time.perf_counter()
     async with disk.held_io(drain_timeout=dest.deadline or DRAIN_TIMEOUT):
-        held = time.perf_counter()
+        drained = time.perf_counter()
         if move.error is not None:  # a mirrored write failed just before the hold
             return
         crash_point("switch-held")
         await dest.run(lambda f: f.check_in_place(), "checking the destination")
+        checked = time.perf_counter()
         await dest.run(lambda f: f.fsync(True), "flush")  # only writes since the last flush
+        flushed = time.perf_counter()
         disk.storage.commit_journal(move.source)
+        recorded = time.perf_counter()
         crash_point("switch-recorded")
         move.old_source = disk.primary
         # The sync map is freed once I/O resumes, not in the guest's pause.
         synced, disk.syncmap, disk.intent = disk.syncmap, None, None
         disk.primary, disk.mirror = dest.release(), None
         move.switched = True
-        move.switch_pause_ms = round((time.perf_counter() - held) * 1000, 3)
+        ended = time.perf_counter()
+        move.switch_pause_ms = _ms(ended - hold_started)
+        move.switch_steps_ms = {
+            "drain": _ms(drained - hold_started),
+            "check": _ms(checked - drained),
+            "flush": _ms(flushed - checked),
+            "record": _ms(recorded - flushed),
+            "release": _ms(ended - recorded),
+        }
     del synced
-    log.info("switched to %s after a %.3f ms pause", move.dest, move.switch_pause_ms)
+    log.info(
+        "switched to %s after a %.3f ms pause (ms: %s)",
+        move.dest,
+        move.switch_pause_ms,
+        ", ".join(f"{step} {ms:g}" for step, ms in move.switch_steps_ms.items()),
+    )
     disk.on_primary_changed()
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
 async def _finish(disk: Disk, move: Move) -> None:

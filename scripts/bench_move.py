@@ -16,20 +16,21 @@ from benchlib import MiB, Result, Run, Table, fmt
 from fusedisk.units import parse_size
 
 SCENARIOS = {
-    "idle": ("cp", "fusedisk-move", "fusedisk-move-deadline", "qsd-move"),
-    "load": ("fusedisk-move", "fusedisk-move-deadline", "qsd-move", "floor", "floor-mirror"),
-    "lanes": ("fusedisk-move", "fusedisk-move-deadline"),
+    "idle": ("cp", "fusedisk-move", "fusedisk-move-inline", "qsd-move"),
+    "load": ("fusedisk-move", "fusedisk-move-inline", "qsd-move", "floor", "floor-mirror"),
+    "lanes": ("fusedisk-move-inline", "fusedisk-move", "fusedisk-move-threads"),
 }
 LABELS = {  # table columns
     "fusedisk-move": "fusedisk",
-    "fusedisk-move-deadline": "fusedisk with deadline (--dest-timeout 1)",
+    "fusedisk-move-inline": "fusedisk inline (--dest-timeout 0)",
+    "fusedisk-move-threads": "fusedisk, writes on a Python thread",
     "qsd-move": "qsd mirror (NBD export)",
     "floor": "floor",
     "floor-mirror": "floor-mirror",
 }
 
 
-MACHINERY = "writer IOPS during, deadline / default (local: inline)"  # the deadline's cost
+MACHINERY = "writer IOPS during, default (1 s deadline) / inline"  # the deadline's cost
 
 
 def options(p: argparse.ArgumentParser) -> None:
@@ -46,12 +47,14 @@ def run(args: argparse.Namespace) -> Result:
 
     Each contender on a fresh non-sparse image; each repetition runs every scenario's in turn.
     idle: cp (then fdatasync, then rm and a directory fsync, each timed); fusedisk-move
-    (`fusedisk migrate` to a local file: written inline); fusedisk-move-deadline (--dest-timeout
-    1: worker threads and a deadline, as on network filesystems); qsd-move (blockdev-mirror).
+    (`fusedisk migrate` as it is by default: a 1 s deadline, mirrored writes on the native
+    thread); fusedisk-move-inline (--dest-timeout 0: no deadline, the destination written by the
+    event loop itself); qsd-move (blockdev-mirror).
     load: the same moves while fio writes 4 KiB at random, QD16, through the contender, and
     floor and floor-mirror under that writer with no move (their "during" is --before s long).
-    lanes: load's writer under fusedisk's two moves only, inline and with the deadline (the
-    cost of the deadline's worker threads, without the other contenders' time).
+    lanes: load's writer under fusedisk's moves only: inline, the default, and the default with
+    its writes on a Python thread instead of the native one (the cost of the deadline's
+    workers, without the other contenders' time).
     qsd-move serves through an NBD export (qemu-storage-daemon 7.2 cannot mirror a node under a
     writable FUSE export), its writer through fio's nbd engine. The writer's log splits exactly
     at each move's own start and end; qsd's switch pause is job-complete -> BLOCK_JOB_COMPLETED,
@@ -172,7 +175,7 @@ def load_tables(runs: dict[str, list[Run]], where: str, scenario: str = "load") 
             "; the floors do not move: their 'during' is --before s long; qsd's writer goes "
             "through NBD)"
             if scenario == "load"
-            else "; fusedisk's moves only: inline and with the deadline's worker threads)"
+            else "; fusedisk's moves only: inline, and with the deadline on either lane)"
         ),
         ["", *(LABELS[name] for name in cols)],
     )
@@ -188,7 +191,8 @@ def load_tables(runs: dict[str, list[Run]], where: str, scenario: str = "load") 
     for window in ("before", "during", "after"):
         row(f"writer IOPS {window}", "writer", window, "iops", digits=0)
     t.add("IOPS during / before", *(bl.compare(iops(n), iops(n, "before"))[1] for n in cols))
-    for peer in ("floor", "floor-mirror", "qsd-move", "fusedisk-move-deadline"):
+    peers = ("floor", "floor-mirror", "qsd-move", "fusedisk-move-inline")
+    for peer in peers if scenario == "load" else ("fusedisk-move-inline",):
         if peer in cols:
             t.add(f"IOPS during / {peer}'s", *(bl.compare(iops(n), iops(peer))[1] for n in cols))
     row("worst 1 s IOPS during", "writer", "during", "min_1s_iops", digits=0)
@@ -197,12 +201,16 @@ def load_tables(runs: dict[str, list[Run]], where: str, scenario: str = "load") 
     row("writer max during (ms)", "writer", "during", "max_ms")
     row("writer max, last 1 s of the move (ms)", "worst_ms_last_1s_of_move")
     row("switch pause (ms)", "switch_pause_ms", digits=1)
+    for step in ("drain", "check", "flush", "record"):  # where the pause went (release: ~0)
+        row(f"switch pause: {step} (ms)", "switch_steps_ms", step, digits=1)
     row("bytes copied / size", "copied_ratio", digits=3)
 
     v = Table("Targets under load", ["target", "fusedisk", "goal", "verdict"])
-    machinery = bl.compare(iops("fusedisk-move-deadline"), iops("fusedisk-move"))
-    if scenario == "lanes":  # only the deadline's cost
+    machinery = bl.compare(iops("fusedisk-move"), iops("fusedisk-move-inline"))
+    if scenario == "lanes":  # only the deadline's cost, and the Python thread's for comparison
         v.target(MACHINERY, machinery, 0.9)
+        threads = bl.compare(iops("fusedisk-move-threads"), iops("fusedisk-move-inline"))
+        v.target(f"{MACHINERY}, writes on a Python thread", threads, 0.9)
         return [t, v]
     fd, qsd = cols["fusedisk-move"], cols["qsd-move"]
     kept = bl.compare(iops("fusedisk-move"), iops("fusedisk-move", "before"))

@@ -343,6 +343,8 @@ class FusediskMove:
             "copied_ratio": round(s["copied_bytes"] / s["size"], 4),
             **{k: s[k] for k in (*keys, "hole_bytes", "size")},
             "dest_timeout": s.get("dest_timeout"),  # what the daemon ran with
+            "dest_writes": s.get("dest_writes"),
+            "switch_steps_ms": s.get("switch_steps_ms"),
         }
 
 
@@ -435,12 +437,21 @@ CONTENDERS = {
     "qsd": Contender("qemu-storage-daemon's writable FUSE export", serve_qsd),
     "qsd-nbd": Contender("qemu-storage-daemon's NBD export (unix socket)", nbd),
     "fusedisk-move": Contender(
-        "fusedisk, moved by `fusedisk migrate`", serve_fusedisk, FusediskMove
-    ),
-    "fusedisk-move-deadline": Contender(
-        "fusedisk-move with --dest-timeout 1: worker threads and a 1 s deadline (as on networks)",
+        "fusedisk, moved by `fusedisk migrate` (the default: a 1 s deadline on the destination, "
+        "mirrored writes on the native thread)",
         serve_fusedisk,
-        functools.partial(FusediskMove, options=("--dest-timeout", "1")),
+        FusediskMove,
+    ),
+    "fusedisk-move-inline": Contender(
+        "fusedisk-move with --dest-timeout 0: no deadline, the destination written inline by "
+        "the event loop (the default before 2026-12-02 on local filesystems)",
+        serve_fusedisk,
+        functools.partial(FusediskMove, options=("--dest-timeout", "0")),
+    ),
+    "fusedisk-move-threads": _move_with(
+        "fusedisk-move with FUSEDISK_DEST_LANE=threads: mirrored writes through a Python worker "
+        "thread instead of the native one (fusedisk/_lane.c)",
+        FUSEDISK_DEST_LANE="threads",
     ),
     "fusedisk-move-norecord": _move_with(
         "fusedisk-move with no write-intent record (FUSEDISK_CHECKPOINT_EVERY=inf: no marks, "

@@ -17,6 +17,7 @@ file's undurable data changes (the disk may write back pages in any order).
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
@@ -29,7 +30,9 @@ import pytest
 
 import fusedisk.backend
 import fusedisk.daemon
+import fusedisk.destination
 import fusedisk.storage
+from fusedisk._lane import Lane as NativeLane
 
 # ---- the log ------------------------------------------------------------------------------
 
@@ -294,6 +297,47 @@ class RecordingOS:
                 self.log.append(Unlink(os.path.dirname(path), os.path.basename(path)))
 
 
+class RecordingLane:
+    """Stands for the native write lane (fusedisk._lane.Lane), whose thread writes in C where
+    :class:`RecordingOS` cannot see it: each write or truncate is logged when it is reaped, the
+    latest moment it can have landed.  A change logged late can only look less durable than it
+    is (an fsync begun before it does not cover it), so the model's crash states include every
+    one the real order allows; and a flush reaps the writes before it (its barrier) before its
+    fsync begins, so none it must cover is logged after."""
+
+    def __init__(self, recorder: RecordingOS, fd: int) -> None:
+        self._lane = NativeLane(fd)
+        self._recorder, self._ino = recorder, recorder._file(fd)
+        self._changes: dict[int, Write | Truncate] = {}  # id(token) -> what it does, until reaped
+
+    def pwrite(self, token: object, data: bytes, offset: int) -> None:
+        self._lane.pwrite(token, data, offset)
+        if self._ino is not None:
+            self._changes[id(token)] = Write(self._ino, offset, bytes(data))
+
+    def truncate(self, token: object, size: int) -> None:
+        self._lane.truncate(token, size)
+        if self._ino is not None:
+            self._changes[id(token)] = Truncate(self._ino, size)
+
+    def reap(self) -> list[tuple[object, int]]:
+        done = self._lane.reap()
+        for token, code in done:
+            change = self._changes.pop(id(token), None)
+            if change is None or code != 0:
+                continue
+            with self._recorder._lock:
+                self._recorder.log.append(change)
+            if isinstance(change, Write) and self._recorder.after_write is not None:
+                self._recorder.after_write(change)
+        return done
+
+    def __getattr__(self, name: str) -> Any:  # barrier, stop, join, fileno; no fallocate here
+        if name == "fallocate":
+            raise AttributeError("the power-loss model has no fallocate")
+        return getattr(self._lane, name)
+
+
 MODULES = (fusedisk.backend, fusedisk.storage, fusedisk.daemon)
 
 
@@ -304,6 +348,9 @@ def recording(monkeypatch: pytest.MonkeyPatch, roots: list[str]) -> Iterator[Rec
     with monkeypatch.context() as patch:
         for module in MODULES:
             patch.setattr(module, "os", recorder)
+        patch.setattr(
+            fusedisk.destination, "NativeLane", functools.partial(RecordingLane, recorder)
+        )
         yield recorder
 
 

@@ -11,6 +11,7 @@ import errno
 import itertools
 import random
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -261,6 +262,45 @@ async def test_write_and_flush_during_the_switch_wait_then_land_on_the_destinati
         assert move.phase is Phase.DONE and dst.data[:5] == b"after"
         assert src.data[:5] != b"after"  # after the switch, the old source is not written
         assert move.switch_pause_ms is not None
+
+
+async def test_the_switch_pause_says_where_the_held_time_went() -> None:
+    """Each step of the hold is timed, from the moment new I/O is held (the drain counts: the
+    guest waits there too), and the steps add up to the pause."""
+    src = image(MiB)
+    async with disk_on(src) as (disk, storage):
+        move = await disk.start_move("/dst", dest_timeout=1.0)
+        dst = storage.files["/dst"]
+        dst.on_fsync = lambda: time.sleep(0.03)  # a slow flush
+        released = threading.Event()  # a guest write in flight as the hold begins
+
+        def hold_the_guests_write(offset: int, length: int) -> None:
+            if offset == 4096:
+                released.wait(WAIT)
+
+        dst.on_write = hold_the_guests_write
+
+        async def step(name: str) -> None:
+            with trio.fail_after(WAIT):
+                while move.step != name:
+                    await trio.sleep(0.001)
+
+        async def guest() -> None:
+            await step("flushing destination")
+            await disk.write(4096, b"in flight")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guest)
+            await step("holding I/O")
+            await trio.sleep(0.05)
+            released.set()
+            await finished(move)
+        assert move.phase is Phase.DONE, move.error
+        steps = move.switch_steps_ms
+        assert list(steps) == ["drain", "check", "flush", "record", "release"]
+        assert steps["drain"] >= 50 and steps["flush"] >= 30
+        assert move.switch_pause_ms is not None
+        assert sum(steps.values()) == pytest.approx(move.switch_pause_ms, abs=0.01)
 
 
 async def test_flush_during_mirroring_flushes_both() -> None:

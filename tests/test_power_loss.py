@@ -229,6 +229,8 @@ async def record_run(
                     dest_timeout=1.0 if scenario == "threaded" else 0.0,
                 )
                 guest.mirroring_from = recorder.event("mirroring")
+                if scenario == "threaded":  # the native lane, its writes logged when reaped
+                    assert move.dest_writes == "native thread", move.dest_writes
                 if scenario == "fail-back":
                     # From the third checkpoint on (the guest has flushed since the second),
                     # every write to the destination fails, and the move fails back.
