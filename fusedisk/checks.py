@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 
+from fusedisk.control import mounts
 from fusedisk.errors import MoveRefused, StaleMount, UsageError
 from fusedisk.storage import journal_path
 
@@ -47,6 +48,28 @@ def check_mountpoint(mountpoint: str) -> None:
         raise UsageError(message=f"mountpoint {mountpoint} is not empty")
     if st.st_uid != os.getuid() and os.getuid() != 0:
         raise UsageError(message=f"mountpoint {mountpoint} is not owned by this user")
+
+
+# Filesystems that keep written data in this machine's page cache, whose writeback the copier
+# starts and waits for chunk by chunk (sync_file_range), so the destination never holds much
+# unflushed data.  Anywhere else (network and FUSE filesystems: sshfs queues written data until
+# a flush, NFS keeps it unstable on the server until a COMMIT) the copier flushes every few MiB.
+WRITEBACK_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs", "bcachefs", "zfs"}
+    | {"vfat", "exfat", "ntfs3", "tmpfs", "ramfs", "overlay"}
+)
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem holding ``path`` (the longest mount point above it).
+    Blocking, and it resolves links on a filesystem that may hang: the daemon bounds it."""
+    target = os.path.realpath(path)
+    best, kind = "", "unknown"
+    for point, fstype in mounts():
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
 
 
 def check_destination(source: str, dest: str, mountpoint: str, *, force: bool) -> None:

@@ -192,8 +192,10 @@ class Daemon:
             raise UsageError(message=f"unknown command {command!r}")
         return self.facts()
 
-    def _check_destination(self, dest: str, *, force: bool) -> None:
+    def _check_destination(self, dest: str, *, force: bool) -> str:
+        """Check ``dest`` (blocking); return its filesystem's type."""
         checks.check_destination(self.disk.primary.path, dest, self.config.mountpoint, force=force)
+        return checks.filesystem_type(os.path.dirname(dest))
 
     async def _migrate(self, request: dict[str, Any]) -> None:
         dest = str(request["destination"])
@@ -208,19 +210,20 @@ class Daemon:
             requested = request.get("dest_timeout")
             dest_timeout = DEST_TIMEOUT if requested is None else float(requested)
             try:
-                await bounded(
+                kind = await bounded(
                     dest_timeout or DEST_TIMEOUT,
                     f"checking {dest}",
                     dest,
                     lambda: self._check_destination(dest, force=bool(request.get("force"))),
                 )
-                log.info("moving to %s: destination deadline %g s", dest, dest_timeout)
+                log.info("moving to %s on %s: destination deadline %g s", dest, kind, dest_timeout)
                 await self.disk.start_move(
                     dest,
                     rate_limit=int(request.get("rate_limit") or 0),
                     keep_source=bool(request.get("keep_source")),
                     verify=bool(request.get("verify")),
                     dest_timeout=dest_timeout,
+                    flush_while_copying=kind not in checks.WRITEBACK_FILESYSTEMS,
                 )
             except OSError as e:
                 raise MoveRefused(dest=dest, source=source, reason=e.strerror or str(e)) from e

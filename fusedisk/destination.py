@@ -1,16 +1,18 @@
-"""A move's destination, reached through one worker thread of its own, with a deadline on each call.
+"""A move's destination, reached through worker threads of its own, with a deadline on each call.
 
 Why threads: a destination on a network filesystem can hang inside the kernel for as long as the
 network or server is gone (NFS hard mounts: hours; a stalled sshfs).  A syscall stuck there can
 be neither interrupted nor cancelled, only abandoned.  So every operation on the destination
-file runs in one of two worker threads of its own, each first in, first out, and the event loop
-waits for each at most ``deadline`` seconds.  Mirrored writes and truncates have one thread to
-themselves, which keeps overlapping writes in the order the guest issued them and never puts a
-write behind a 1 MiB copy or a flush; the copier's chunks, flushes, verify's reads and the checks
-before the switch share the other.  (The copier and the writes are kept apart by the range locks,
-as with no threads.)  For a real file the write lane is a native thread (fusedisk/_lane.c) that
-never takes the GIL, so it costs the event loop, which serves every guest request, no turns at
-it; the watchdog's task reaps what it finished (docs/design.md, "The destination").
+file runs in one of three worker threads of its own, each first in, first out, and the event
+loop waits for each at most ``deadline`` seconds.  Mirrored writes and truncates have one thread
+to themselves, which keeps overlapping writes in the order the guest issued them and never puts
+a write behind a 1 MiB copy or a flush; the copier's chunks, verify's reads and the checks
+before the switch share another; flushes and writeback have the third, so a chunk, whose range
+the copier holds while it waits, never waits behind a flush.  (The copier and the writes are
+kept apart by the range locks, as with no threads.)  For a real file the write lane is a native
+thread (fusedisk/_lane.c) that never takes the GIL, so it costs the event loop, which serves
+every guest request, no turns at it; the watchdog's task reaps what it finished
+(docs/design.md, "The destination").
 
 When a call fails or misses its deadline the move fails back, and the destination is abandoned:
 its waiters are answered at once, calls still queued never run, and the last worker to end
@@ -91,10 +93,13 @@ class Call(Generic[T]):
 
 
 class Lane(enum.Enum):
-    """The destination's two worker threads, each first in, first out."""
+    """The destination's worker threads, each first in, first out."""
 
     WRITES = "writes"  # mirrored writes and truncates: in the guest's order, never behind a copy
-    BULK = "bulk"  # the copier's chunks, flushes, verify's reads, checks: may take a while
+    BULK = "bulk"  # the copier's chunks, verify's reads, checks: may take a while
+    # Flushes and writeback, which wait for the disk: never ahead of a chunk, whose range the
+    # copier holds while it waits (a queued chunk would hold up guest writes for a flush's time)
+    FLUSH = "flush"
 
 
 class Destination:
@@ -236,6 +241,10 @@ class Destination:
                     self._close_once()
         return await self.wait(self.submit(operation, what, lane))
 
+    async def flush(self, datasync: bool = True) -> None:
+        """fsync (fdatasync with ``datasync``) in the flush lane."""
+        await self.run(lambda f: f.fsync(datasync), "flush", Lane.FLUSH)
+
     async def wait_writes(self) -> None:
         """Return once every write submitted so far has landed (a barrier in their lane; with
         no threads every write landed when it was submitted)."""
@@ -319,7 +328,9 @@ class Destination:
                     if call is None or self.abandoned:
                         going = False
                         break
-                    if done and (lane is Lane.BULK or time.monotonic() - started > REPORT_AFTER):
+                    if done and (
+                        lane is not Lane.WRITES or time.monotonic() - started > REPORT_AFTER
+                    ):
                         # A slow call must not hold back the results before it.
                         self._token.run_sync_soon(self._complete, lane, done)
                         done, started = [], time.monotonic()

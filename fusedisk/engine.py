@@ -338,7 +338,7 @@ class Disk:
 
     async def _flush_mirror(self, mirror: Destination, datasync: bool) -> None:
         try:
-            await mirror.run(lambda f: f.fsync(datasync), "flush")
+            await mirror.flush(datasync)
         except OSError as e:
             if self.mirror is mirror:
                 self._mirror_failed(f"destination flush: {e.strerror or e}")
@@ -383,8 +383,11 @@ class Disk:
         keep_source: bool = False,
         verify: bool = False,
         dest_timeout: float = DEST_TIMEOUT,
+        flush_while_copying: bool | None = None,
     ) -> Move:
-        """Create ``dest``, start mirroring, and start the copier; return once mirroring is on."""
+        """Create ``dest``, start mirroring, and start the copier; return once mirroring is on.
+        ``flush_while_copying``: whether the copier flushes the destination every few MiB
+        (:data:`fusedisk.checks.WRITEBACK_FILESYSTEMS`); by default when it has a deadline."""
         from fusedisk.move import Move
 
         source = self.primary.path
@@ -395,7 +398,10 @@ class Disk:
             # destination (if it was created) and to its removal.
             record: dict[str, Any] = {"phase": "mirroring", "source": source}
             record.update(destination=dest, keep_source=keep_source, verify=verify)
+            if flush_while_copying is None:
+                flush_while_copying = dest_timeout > 0
             record.update(dest_timeout=dest_timeout, rate_limit=rate_limit)
+            record.update(flush_while_copying=flush_while_copying)
             await trio.to_thread.run_sync(self.storage.write_journal, source, record)
             try:
                 dest_file, dest_id = await bounded(
@@ -418,6 +424,7 @@ class Disk:
             keep_source=keep_source,
             verify=verify,
             dest_timeout=dest_timeout,
+            flush_while_copying=flush_while_copying,
         )
         intent = None
         if math.isfinite(CHECKPOINT_EVERY):  # (else no record: a benchmark knob)
@@ -448,6 +455,7 @@ class Disk:
             keep_source=keep_source,
             verify=verify,
             dest_timeout=dest_timeout,
+            flush_while_copying=bool(record.get("flush_while_copying", dest_timeout > 0)),
         )
         move.resumed_from = cursor
         base = {k: v for k, v in record.items() if k != "checkpoint"}

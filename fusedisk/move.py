@@ -23,7 +23,7 @@ import xxhash
 
 from fusedisk.backend import PAGE, WRITEBACK_LAG, ImageFile
 from fusedisk.compare import Compared, write_differences
-from fusedisk.destination import DEST_TIMEOUT, Call, Destination, bounded
+from fusedisk.destination import DEST_TIMEOUT, Call, Destination, Lane, bounded
 from fusedisk.errors import StateError, VerifyMismatch
 from fusedisk.failpoints import crash_point
 from fusedisk.intent import CHECKPOINT_EVERY, CHECKPOINT_PACE, EARLY_WRITEBACK, Intent
@@ -76,11 +76,14 @@ class Move:
         keep_source: bool,
         verify: bool,
         dest_timeout: float = DEST_TIMEOUT,
+        flush_while_copying: bool = False,
     ) -> None:
         self.source, self.dest = source, dest
         self.keep_source, self.verify = keep_source, verify
         self.dest_timeout = dest_timeout  # seconds any guest I/O may wait for the destination
         self.dest_writes = "not yet"  # how mirrored writes reach the destination (status)
+        # The copier flushes the destination every few MiB (fusedisk.checks.WRITEBACK_FILESYSTEMS)
+        self.flush_while_copying = flush_while_copying
         self.phase = Phase.IDLE
         self.step = "starting"
         self.error: str | None = None
@@ -214,6 +217,7 @@ class Move:
             "keep_source": self.keep_source,
             "dest_timeout": self.dest_timeout,
             "dest_writes": self.dest_writes,
+            "flush_while_copying": self.flush_while_copying,
             "verify": self.verify,
             "started": self.started,
             "finished": self.finished,
@@ -276,7 +280,7 @@ async def _copy_chunks(
     disk: Disk, move: Move, dest: Destination, syncmap: SyncMap, checkpoints: trio.Nursery
 ) -> None:
     source = disk.primary
-    unflushed = 0  # bytes copied since the last flush (a threaded destination's)
+    unflushed = 0  # bytes copied since the last flush (when the copier flushes as it goes)
     data_end = 0  # the source holds data from the cursor to here (when the cursor is below)
     truncations = disk.truncations
     kicked = trio.current_time()  # when writeback was last started early (EARLY_WRITEBACK)
@@ -326,11 +330,13 @@ async def _copy_chunks(
             # takes about one chunk's time, not the whole pass's.
             await dest.run(partial(_writeback, cursor, end - cursor), "writeback")
             unflushed += copied
-            if dest.threaded and unflushed >= WRITEBACK_LAG:
+            if move.flush_while_copying and unflushed >= WRITEBACK_LAG:
                 # A network filesystem keeps written data in its own queue, where writeback
                 # does not reach (sshfs: all of it, until a flush, which then holds up the
                 # guest's writes behind it): a flush every few MiB keeps that queue short.
-                await dest.run(lambda f: f.fsync(True), "flush")
+                # (On a local one it only costs the guest's writes: their worst grew from
+                # ~50 ms to ~100-170 ms, docs/benchmarks.md section 2.)
+                await dest.flush()
                 unflushed = 0
         intent, now = disk.intent, trio.current_time()
         if (
@@ -361,7 +367,7 @@ async def _checkpoint(
 
     async def flush_both() -> None:
         await dest.wait_writes()  # the mirrored writes submitted so far have landed
-        await dest.run(lambda f: f.fsync(True), "flush")
+        await dest.flush()
         await trio.to_thread.run_sync(source.fsync, True)
 
     try:
@@ -383,7 +389,7 @@ async def _start_writeback(disk: Disk, dest: Destination) -> None:
     source = disk.primary
     try:
         await trio.to_thread.run_sync(source.start_writeback, 0, 0)
-        await dest.run(partial(_writeback, 0, 0), "writeback")
+        await dest.run(partial(_writeback, 0, 0), "writeback", Lane.FLUSH)
     except (OSError, trio.TooSlowError) as e:  # a failing file fails the move elsewhere
         log.debug("early writeback: %s", e)
 
@@ -426,7 +432,7 @@ async def _switch(disk: Disk, move: Move) -> None:
     # switch record aside, so the held time is one small flush and one rename.
     for _ in range(4):
         started = time.perf_counter()
-        await dest.run(lambda f: f.fsync(True), "flush")
+        await dest.flush()
         if time.perf_counter() - started < 0.002:
             break
     record = {
@@ -447,7 +453,7 @@ async def _switch(disk: Disk, move: Move) -> None:
         crash_point("switch-held")
         await dest.run(lambda f: f.check_in_place(), "checking the destination")
         checked = time.perf_counter()
-        await dest.run(lambda f: f.fsync(True), "flush")  # only writes since the last flush
+        await dest.flush()  # only writes since the last flush
         flushed = time.perf_counter()
         disk.storage.commit_journal(move.source)
         recorded = time.perf_counter()

@@ -222,3 +222,29 @@ async def test_a_hung_flush_at_the_switch_fails_back_within_the_deadline() -> No
         assert disk.primary is src and move.switch_pause_ms is None
         assert "flush" in (move.error or "")
         released.set()
+
+
+async def test_the_copier_and_guest_writes_go_on_while_a_flush_waits_for_the_disk() -> None:
+    """A guest flush whose destination fsync takes long (a slow disk): the copier's chunks do
+    not queue behind it (flushes have a lane of their own), so the range the copier holds while
+    a chunk waits is never held for a flush's time, and a guest write there goes through."""
+    src = image(8 * MiB)
+    released = threading.Event()
+    async with disk_on(src) as (disk, storage):
+        move = await disk.start_move(
+            "/dst", rate_limit=4 * MiB, dest_timeout=WAIT, flush_while_copying=False
+        )
+        storage.files["/dst"].on_fsync = hang_until(released)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(disk.flush)
+            await trio.sleep(0.05)  # the flush is in the destination's fsync now
+            cursor = move.cursor
+            with trio.fail_after(WAIT / 2):
+                while move.cursor < cursor + 2 * MiB:  # two more chunks copied meanwhile
+                    await trio.sleep(0.01)
+                await disk.write(move.cursor, b"guest")  # where the copier is at work
+            assert not released.is_set()
+            released.set()
+        await finished(move)
+        assert move.phase is Phase.DONE, move.error
+        assert storage.files["/dst"].data == src.data

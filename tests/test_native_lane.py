@@ -23,14 +23,15 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from fusedisk._lane import Lane
-from fusedisk.backend import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, PosixFile
+from fusedisk.backend import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ImageFile, PosixFile
 from fusedisk.engine import Disk
 from fusedisk.move import Phase
 from fusedisk.storage import PosixStorage
 from tests.lossy import Lossy, lossy_mount
-from tests.test_engine import WAIT, MiB
+from tests.test_engine import WAIT, Gate, MiB, without_range_locks
 
 DEADLINE = 0.5
 MARGIN = 0.5  # scheduling slack on a busy machine, on top of the deadline
@@ -244,3 +245,63 @@ async def test_a_write_stuck_in_the_kernel_costs_the_move_not_the_guest(
         assert disk.primary.pread(5, 4096) == b"guest"
         disk.primary.close()
         nursery.cancel_scope.cancel()
+
+
+class GatedSource(PosixFile):
+    """A real source whose copier copy stops between its read and its write (copy_to runs in
+    the copier's thread), at the chunk holding the gate's offset.  The destination stays a
+    plain PosixFile, so its mirrored writes go through the native lane."""
+
+    gate: Gate
+
+    def copy_to(self, dst: ImageFile, offset: int, length: int) -> int:
+        data = self.pread(length, offset)
+        self.gate(offset, length)
+        dst.pwrite(data, offset)
+        return len(data)
+
+
+@pytest.mark.parametrize("locks_enabled", [True, False], ids=["with-locks", "without-locks"])
+async def test_copy_racing_a_write_through_the_native_lane(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locks_enabled: bool
+) -> None:
+    """The copier reads old bytes, a guest write to the same block arrives, then the copier
+    writes.  With the range locks the guest's write waits and lands last, through the native
+    lane; without them (the control case, proving the test can fail) it lands at once and the
+    copier's stale bytes overwrite it."""
+    if not locks_enabled:
+        without_range_locks(monkeypatch)
+    source, dest = tmp_path / "source.img", tmp_path / "dest.img"
+    source.write_bytes(os.urandom(2 * MiB))
+    image = GatedSource(str(source), os.open(source, os.O_RDWR))
+    image.gate = Gate(offset=0)
+    async with trio.open_nursery() as nursery:
+        disk = Disk(image, PosixStorage(), nursery)
+        move = await disk.start_move(str(dest), dest_timeout=1.0)
+        assert move.dest_writes == "native thread"
+        await image.gate.wait_reached()
+        write_done = trio.Event()
+
+        async def guest_write() -> None:
+            await disk.write(100, b"N" * 5000)
+            write_done.set()
+
+        async with trio.open_nursery() as writers:
+            writers.start_soon(guest_write)
+            if locks_enabled:  # it waits for the held range, never reaching the destination
+                await trio.testing.wait_all_tasks_blocked()
+                assert not write_done.is_set()
+            else:  # it lands on both files while the copier is stopped between read and write
+                with trio.fail_after(WAIT):
+                    await write_done.wait()
+            image.gate.proceed.set()
+        with trio.fail_after(WAIT):
+            await move.finished_event.wait()
+        assert move.phase is Phase.DONE, move.error
+        moved = dest.read_bytes()
+        disk.primary.close()
+        nursery.cancel_scope.cancel()
+    if locks_enabled:
+        assert moved[100:5100] == b"N" * 5000
+    else:
+        assert moved[100:5100] != b"N" * 5000, "the stale overwrite the locks prevent"
