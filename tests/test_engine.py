@@ -73,6 +73,28 @@ class Gate:
         assert await trio.to_thread.run_sync(self.reached.wait, WAIT)
 
 
+async def write_while_the_copy_is_stopped(disk: Disk, gate: Gate, locks_enabled: bool) -> None:
+    """Once the copier is stopped at ``gate`` between its read and its write, write b"N" * 5000
+    at offset 100: with the range locks the write waits for the held range (checked), without
+    them it lands on both files at once; then let the copier go on."""
+    await gate.wait_reached()
+    write_done = trio.Event()
+
+    async def guest_write() -> None:
+        await disk.write(100, b"N" * 5000)
+        write_done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guest_write)
+        if locks_enabled:  # it waits for the held range, never reaching the destination
+            await trio.testing.wait_all_tasks_blocked()
+            assert not write_done.is_set()
+        else:
+            with trio.fail_after(WAIT):
+                await write_done.wait()
+        gate.proceed.set()
+
+
 # ---- plain service, no move ---------------------------------------------------------------
 
 
@@ -159,22 +181,7 @@ async def test_copy_racing_a_write_to_the_same_block(
     src.on_copy_read = gate
     async with disk_on(src) as (disk, storage):
         move = await disk.start_move("/dst", dest_timeout=dest_timeout)
-        await gate.wait_reached()
-        write_done = trio.Event()
-
-        async def guest_write() -> None:
-            await disk.write(100, b"N" * 5000)
-            write_done.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(guest_write)
-            if locks_enabled:  # it waits for the held range, never reaching the destination
-                await trio.testing.wait_all_tasks_blocked()
-                assert not write_done.is_set()
-            else:  # it lands, on both files, while the copier is stopped between read and write
-                with trio.fail_after(WAIT):
-                    await write_done.wait()
-            gate.proceed.set()
+        await write_while_the_copy_is_stopped(disk, gate, locks_enabled)
         await finished(move)
     dst = storage.files["/dst"]
     assert move.phase is Phase.DONE

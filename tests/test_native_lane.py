@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio.testing
 
 from fusedisk._lane import Lane
 from fusedisk.backend import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ImageFile, PosixFile
@@ -31,7 +30,7 @@ from fusedisk.engine import Disk
 from fusedisk.move import Phase
 from fusedisk.storage import PosixStorage
 from tests.lossy import Lossy, lossy_mount
-from tests.test_engine import WAIT, Gate, MiB, without_range_locks
+from tests.test_engine import WAIT, Gate, MiB, without_range_locks, write_while_the_copy_is_stopped
 
 DEADLINE = 0.5
 MARGIN = 0.5  # scheduling slack on a busy machine, on top of the deadline
@@ -279,22 +278,7 @@ async def test_copy_racing_a_write_through_the_native_lane(
         disk = Disk(image, PosixStorage(), nursery)
         move = await disk.start_move(str(dest), dest_timeout=1.0)
         assert move.dest_writes == "native thread"
-        await image.gate.wait_reached()
-        write_done = trio.Event()
-
-        async def guest_write() -> None:
-            await disk.write(100, b"N" * 5000)
-            write_done.set()
-
-        async with trio.open_nursery() as writers:
-            writers.start_soon(guest_write)
-            if locks_enabled:  # it waits for the held range, never reaching the destination
-                await trio.testing.wait_all_tasks_blocked()
-                assert not write_done.is_set()
-            else:  # it lands on both files while the copier is stopped between read and write
-                with trio.fail_after(WAIT):
-                    await write_done.wait()
-            image.gate.proceed.set()
+        await write_while_the_copy_is_stopped(disk, image.gate, locks_enabled)
         with trio.fail_after(WAIT):
             await move.finished_event.wait()
         assert move.phase is Phase.DONE, move.error
