@@ -106,7 +106,7 @@ static void run(int fd, op *o)
 }
 
 /* Drop one reference; the last frees the lane (operations still listed keep their Python
-   objects: only a holder of the GIL may release those, see lane_dealloc). */
+   objects: only a holder of the GIL may release those, see Lane_dealloc). */
 static void unref(lane *l)
 {
     int last;
@@ -146,10 +146,12 @@ static void *work(void *arg)
             (void)ignored; /* an eventfd write fails only on overflow: it is readable then */
         }
     }
+    pthread_mutex_unlock(&l->mutex);
+    close(l->fd); /* before saying it ended: join() promises the descriptor is gone */
+    pthread_mutex_lock(&l->mutex);
     l->is_ended = 1;
     pthread_cond_broadcast(&l->ended);
     pthread_mutex_unlock(&l->mutex);
-    close(l->fd);
     unref(l);
     return NULL;
 }
@@ -402,7 +404,8 @@ static PyMethodDef Lane_methods[] = {
      "reap() -> [(token, errno)]: the operations finished since the last reap, in order"},
     {"stop", (PyCFunction)Lane_stop, METH_NOARGS,
      "stop(): run nothing more; the worker ends once its current syscall returns"},
-    {"join", (PyCFunction)Lane_join, METH_O, "join(timeout) -> bool: whether the worker ended"},
+    {"join", (PyCFunction)Lane_join, METH_O,
+     "join(timeout) -> bool: whether the worker ended (its descriptor closed)"},
     {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS,
      "fileno() -> the eventfd, readable when finished operations wait to be reaped"},
     {NULL, NULL, 0, NULL},
