@@ -7,6 +7,8 @@ a move whose mirrored writes overlap, with either lane; and a destination on a F
 whose server is stopped (SIGSTOP of tests/lossyfs.py), so the lane's write is stuck in the
 kernel: the guest's write returns within the deadline, the move fails back, the next move does
 not wait for the stuck one, and once the server goes on the lane ends and lets the file go.
+Last, the copier racing a guest write to the same block, forced, with the native lane writing
+the guest's half (and a control without the range locks that shows the stale overwrite).
 """
 
 from __future__ import annotations
