@@ -334,8 +334,7 @@ async def _copy_chunks(
                 # A network filesystem keeps written data in its own queue, where writeback
                 # does not reach (sshfs: all of it, until a flush, which then holds up the
                 # guest's writes behind it): a flush every few MiB keeps that queue short.
-                # (On a local one it only costs the guest's writes: their worst grew from
-                # ~50 ms to ~100-170 ms, docs/benchmarks.md section 2.)
+                # (On a local one the writeback above reaches the disk: no need.)
                 await dest.flush()
                 unflushed = 0
         intent, now = disk.intent, trio.current_time()
