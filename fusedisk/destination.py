@@ -142,11 +142,6 @@ class Destination:
                 thread.start()
 
     @property
-    def threaded(self) -> bool:
-        """Reached through worker threads (with a deadline), not inline."""
-        return bool(self._queues)
-
-    @property
     def writes_through(self) -> str:
         """How mirrored writes reach the file (for the status): "inline", "native thread" or
         "python thread"."""

@@ -81,7 +81,6 @@ class Move:
         self.source, self.dest = source, dest
         self.keep_source, self.verify = keep_source, verify
         self.dest_timeout = dest_timeout  # seconds any guest I/O may wait for the destination
-        self.dest_writes = "not yet"  # how mirrored writes reach the destination (status)
         # The copier flushes the destination every few MiB (fusedisk.checks.WRITEBACK_FILESYSTEMS)
         self.flush_while_copying = flush_while_copying
         self.phase = Phase.IDLE
@@ -138,8 +137,12 @@ class Move:
 
     def begin(self, destination: Destination, resized: Call[None]) -> None:
         self.destination, self._resized = destination, resized
-        self.dest_writes = destination.writes_through
         self.set_phase(Phase.MIRRORING)
+
+    @property
+    def dest_writes(self) -> str:
+        """How mirrored writes reach the destination (status): its lane, once mirroring."""
+        return "not yet" if self.destination is None else self.destination.writes_through
 
     def fail(self, reason: str) -> None:
         """Ask for a fail-back (from any task, synchronously).  Too late once switched."""
